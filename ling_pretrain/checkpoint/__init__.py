@@ -1,0 +1,1 @@
+"""Checkpoints: megatron distributed checkpoints and Hugging Face conversion."""

@@ -1,0 +1,301 @@
+"""Structured-config schemas: one keyword-only dataclass per Hydra config group.
+
+Every YAML under ``conf/<group>/`` starts from the schema registered for its group (see
+:mod:`ling_pretrain.config.store`), so a misspelt key or a wrong type fails when the config is
+composed, naming the key. Each field's docstring is the configuration reference: the table in
+``docs/configuration.md`` is generated from them.
+
+Where a field passes straight through to megatron-core it carries megatron-core's name, so the
+mapping in :mod:`ling_pretrain.models.ling.mcore_config` stays mechanical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A Ling 2.0 (BailingMoeV2) architecture. Presets live in ``conf/model/``."""
+
+    name: str = MISSING
+    """Preset name, used in run names and logs (e.g. ``ling_mini``)."""
+    num_layers: int = MISSING
+    """Decoder layers, not counting MTP layers (HF ``num_hidden_layers``)."""
+    hidden_size: int = MISSING
+    """Model width (HF ``hidden_size``)."""
+    num_attention_heads: int = MISSING
+    """Query heads (HF ``num_attention_heads``)."""
+    num_query_groups: int = MISSING
+    """Key/value heads for grouped-query attention (HF ``num_key_value_heads``)."""
+    kv_channels: int = 128
+    """Per-head dimension (HF ``head_dim``)."""
+    ffn_hidden_size: int = MISSING
+    """Width of the dense SwiGLU MLP in the first ``first_k_dense_replace`` layers
+    (HF ``intermediate_size``)."""
+    first_k_dense_replace: int = 1
+    """Number of leading layers that use a dense MLP instead of MoE (HF name)."""
+    vocab_size: int = 157184
+    """Vocabulary size of the embedding and output layer (HF ``vocab_size``)."""
+    max_position_embeddings: int = 32768
+    """Longest sequence the rotary tables are built for, in tokens."""
+    rotary_percent: float = 0.5
+    """Fraction of each head's channels that RoPE rotates (HF ``partial_rotary_factor``)."""
+    rotary_base: int = 600000
+    """RoPE theta (HF ``rope_theta``): 10000 for the 4K base checkpoints, 600000 for 32K ones."""
+    layernorm_epsilon: float = 1e-6
+    """RMSNorm epsilon (HF ``rms_norm_eps``)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal initialisation of new weights."""
+    num_moe_experts: int = MISSING
+    """Routed experts per MoE layer (HF ``num_experts``)."""
+    moe_ffn_hidden_size: int = MISSING
+    """Width of each routed expert (HF ``moe_intermediate_size``)."""
+    moe_shared_expert_intermediate_size: int = MISSING
+    """Total width of the shared expert(s): ``num_shared_experts * moe_intermediate_size``."""
+    moe_router_topk: int = 8
+    """Experts chosen per token (HF ``num_experts_per_tok``)."""
+    moe_router_num_groups: int = 8
+    """Expert groups for group-limited routing (HF ``n_group``)."""
+    moe_router_group_topk: int = 4
+    """Groups kept per token (HF ``topk_group``)."""
+    moe_router_topk_scaling_factor: float = 2.5
+    """Multiplier on the normalised top-k weights (HF ``routed_scaling_factor``)."""
+    moe_router_score_function: str = "sigmoid"
+    """Router score function: ``sigmoid`` (Ling 2.0) or ``softmax``."""
+    moe_router_enable_expert_bias: bool = True
+    """Aux-loss-free balancing: a per-expert fp32 bias used only to select experts."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step size of the expert-bias update, applied once per global batch."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of the load-balancing auxiliary loss (Ling pretrains without it)."""
+    moe_z_loss_coeff: float = 3.5e-6
+    """Coefficient of the router z-loss, mean(logsumexp(logits)^2)."""
+    mtp_num_layers: int = 1
+    """Multi-token-prediction layers (HF ``num_nextn_predict_layers``); 0 disables MTP."""
+    mtp_loss_scaling_factor: float = 0.1
+    """Weight of the MTP loss added to the LM loss."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the model and the batch are split across processes."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor parallel size (TP): attention heads and MLP columns split across ranks."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline parallel size (PP): layers split into consecutive stages."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline rank for the interleaved schedule (VPP); null for none."""
+    expert_model_parallel_size: int = 1
+    """Expert parallel size (EP): routed experts split across ranks."""
+    expert_tensor_parallel_size: int = 1
+    """Tensor parallel size inside each expert (ETP). Ling trains with 1."""
+    context_parallel_size: int = 1
+    """Context parallel size (CP): the sequence split across ranks (needs TransformerEngine)."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence inside TP regions (required for MoE with TP > 1)."""
+    moe_token_dispatcher_type: str = "alltoall"
+    """How tokens reach experts: ``alltoall``, ``allgather`` or ``flex`` (DeepEP, GPU only)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer states and fp32 master weights across data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the gradient reduce-scatter with the backward pass."""
+    overlap_param_gather: bool = False
+    """Overlap the parameter all-gather with the next forward pass (needs the distributed
+    optimizer and ``overlap_grad_reduce``)."""
+
+
+@dataclass(kw_only=True)
+class FP8Config:
+    """Numeric format of the GEMMs. Named recipes live in ``conf/fp8/``."""
+
+    recipe: str = "bf16"
+    """FP8 recipe: ``bf16`` (FP8 off), ``blockwise``, ``blockwise_fp8_params``, ``tensorwise``
+    or ``mxfp8``."""
+    emulate: bool = False
+    """Emulate the recipe's quantisation on any hardware instead of running TE FP8 GEMMs."""
+    first_last_layers_bf16: bool = False
+    """Keep the first and last ``num_layers_at_start_in_bf16``/``..._at_end_in_bf16`` layers
+    in BF16."""
+    num_layers_at_start_in_bf16: int = 0
+    """Leading decoder layers kept in BF16 when ``first_last_layers_bf16``."""
+    num_layers_at_end_in_bf16: int = 0
+    """Trailing decoder layers kept in BF16 when ``first_last_layers_bf16``."""
+    fp8_param_gather: bool = False
+    """Keep primary weights in FP8 and all-gather them in FP8."""
+    mtp_projections_bf16: bool = True
+    """Keep MTP's enorm/hnorm/eh_proj in BF16 (Ling's choice); only the MTP transformer layer
+    runs in FP8."""
+    moe_router_padding_for_quantization: bool = False
+    """Pad each expert's token count to the FP8 GEMM alignment with zero-probability tokens."""
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule."""
+
+    optimizer: str = "adam"
+    """Optimizer: ``adam`` (decoupled weight decay, i.e. AdamW)."""
+    lr: float = 3e-5
+    """Peak learning rate."""
+    min_lr: float = 3e-6
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms, biases or the expert bias)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold; 0 disables clipping."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps from 0 to ``lr``."""
+    lr_decay_style: str = "cosine"
+    """Decay after warm-up: ``constant``, ``linear``, ``cosine`` or ``WSD``."""
+    lr_decay_steps: Optional[int] = None
+    """Steps over which the rate decays to ``min_lr``; null means ``trainer.max_steps``."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training samples come from. Presets live in ``conf/data/``."""
+
+    source: str = "indexed"
+    """``indexed`` (megatron .bin/.idx prefixes) or ``mock`` (megatron's synthetic samples,
+    for smoke runs only)."""
+    prefixes: list[str] = field(default_factory=list)
+    """Indexed-dataset path prefixes (without .bin/.idx)."""
+    weights: Optional[list[float]] = None
+    """Blend weights, one per prefix; null weighs prefixes by their size."""
+    split: str = "99,1,0"
+    """Train/validation/test split ratio of every prefix's documents."""
+    seq_length: int = 4096
+    """Tokens per training sample."""
+    tokenizer: Optional[str] = None
+    """HF tokenizer directory; supplies ``eod_token_id`` when that is null."""
+    eod_token_id: Optional[int] = None
+    """End-of-document token id (Ling: 156892, ``<|endoftext|>``)."""
+    eod_mask_loss: bool = False
+    """Exclude positions whose input is the end-of-document token from the loss."""
+    reset_position_ids: bool = False
+    """Restart position ids after every end-of-document token."""
+    cache_dir: Optional[str] = None
+    """Where megatron caches sample indices; null puts them under the run's output dir."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank."""
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """The training loop."""
+
+    max_steps: int = 100
+    """Optimizer steps to train for (the run stops when it reaches this step)."""
+    micro_batch_size: int = 1
+    """Samples per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Samples per optimizer step, summed over data-parallel ranks and micro-batches."""
+    params_dtype: str = "bf16"
+    """Dtype of model parameters and activations: ``fp32``, ``bf16`` or ``fp16``."""
+    seed: int = 1234
+    """Seed for initialisation and data order."""
+    recompute_granularity: Optional[str] = None
+    """Activation recompute: null, ``full`` or ``selective``."""
+    recompute_modules: Optional[list[str]] = None
+    """Modules recomputed under ``selective`` (e.g. ``[moe]``, Ling's choice)."""
+    eval_interval: int = 0
+    """Run validation every this many steps; 0 disables it."""
+    eval_iters: int = 4
+    """Validation micro-batches per evaluation, per data-parallel rank."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Saving, resuming and initialising weights."""
+
+    save_dir: Optional[str] = None
+    """Where checkpoints go; null means ``<run.output_dir>/checkpoints``."""
+    save_interval: int = 0
+    """Save every this many steps (0: only at the end of the run)."""
+    save_at_end: bool = True
+    """Save a checkpoint when training finishes."""
+    resume: bool = True
+    """Resume everything (weights, optimizer, scheduler, step, data position, RNG) from the
+    newest complete checkpoint in ``save_dir`` when there is one."""
+    load_dir: Optional[str] = None
+    """Resume from this checkpoint directory instead of ``save_dir``."""
+    init_from: Optional[str] = None
+    """Initialise weights only (fresh optimizer, step 0) from this megatron checkpoint."""
+    keep_last: int = 0
+    """Keep only this many newest checkpoints; 0 keeps all."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """What a run reports, and where."""
+
+    log_interval: int = 1
+    """Write a metrics line (console and ``metrics.jsonl``) every this many steps."""
+    wandb: bool = False
+    """Also log to Weights & Biases."""
+    wandb_project: str = "ling_pretrain"
+    """W&B project name."""
+    level: str = "INFO"
+    """Python logging level of the library's messages."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Identity and location of one training run."""
+
+    name: str = "${model.name}"
+    """Run name shown in logs and W&B."""
+    output_dir: str = "runs/${run.name}"
+    """Directory for config.yaml, metrics.jsonl, checkpoints and plots."""
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cuda`` or ``cpu``."""
+    check_memory: bool = True
+    """Refuse before any work a layout whose weights, gradients and optimizer states cannot fit
+    in the memory of one device."""
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """The whole configuration of a training job (``conf/config.yaml``)."""
+
+    model: ModelConfig = MISSING
+    """The architecture; choose a preset with ``+model=<name>``."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "fp8": FP8Config,
+    "optimizer": OptimizerConfig,
+    "data": DataConfig,
+    "trainer": TrainerConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+"""Config group name -> schema; every YAML in ``conf/<group>/`` validates against it."""
+
+
+def to_container(cfg: Any) -> dict:
+    """Resolve an OmegaConf config into plain Python containers."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

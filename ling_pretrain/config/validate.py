@@ -1,0 +1,403 @@
+"""Cross-field checks of a job config, run once before any process group exists.
+
+Every check raises :class:`ConfigError` (a ``ValueError``) whose message names the fields
+involved and the fix, so a wrong layout fails in seconds on the login node instead of minutes
+into a job. All problems found are reported together.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+FP8_RECIPES = ("bf16", "blockwise", "blockwise_fp8_params", "tensorwise", "mxfp8")
+PARAMS_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DISPATCHERS = ("alltoall", "allgather", "flex")
+DATA_SOURCES = ("indexed", "mock", "builtin")
+DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+RECOMPUTE = (None, "full", "selective")
+GIB = 1024**3
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run; the message lists every problem and its fix."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the current machine offers one training process."""
+
+    device: str
+    """``cuda`` or ``cpu``."""
+    memory_bytes: int
+    """Memory available to one process: one GPU's memory, or host RAM divided by the
+    processes on this node."""
+    has_transformer_engine: bool
+    """Whether ``transformer_engine`` can be imported."""
+    compute_capability: Optional[tuple[int, int]] = None
+    """CUDA compute capability of device 0, when CUDA is present."""
+
+    @staticmethod
+    def detect(local_world_size: int = 1) -> Hardware:
+        """Inspect this machine without initialising CUDA contexts on other devices."""
+        import torch
+
+        has_te = importlib.util.find_spec("transformer_engine") is not None
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return Hardware("cuda", props.total_memory, has_te, (props.major, props.minor))
+        import psutil
+
+        ram = psutil.virtual_memory().total // max(local_world_size, 1)
+        return Hardware("cpu", ram, has_te)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Derived parallel sizes of a job."""
+
+    world_size: int
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+    etp: int
+    vpp: Optional[int]
+    dp: int
+    expert_dp: int
+    num_microbatches: int
+
+
+def derive_layout(cfg: Any, world_size: int) -> Layout:
+    """Parallel sizes implied by ``cfg.parallel`` and ``world_size`` (assumes valid config)."""
+    p = cfg.parallel
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
+    dp = world_size // (tp * pp * cp)
+    expert_dp = world_size // (etp * ep * pp)
+    mb = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * dp)
+    return Layout(world_size, tp, pp, cp, ep, etp, p.virtual_pipeline_model_parallel_size, dp, expert_dp, mb)
+
+
+def _check_layout(cfg: Any, world_size: int, errors: list[str]) -> None:
+    p, m, t = cfg.parallel, cfg.model, cfg.trainer
+    sizes = {
+        "parallel.tensor_model_parallel_size": p.tensor_model_parallel_size,
+        "parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+        "parallel.context_parallel_size": p.context_parallel_size,
+        "parallel.expert_model_parallel_size": p.expert_model_parallel_size,
+        "parallel.expert_tensor_parallel_size": p.expert_tensor_parallel_size,
+    }
+    bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+    if bad:
+        errors.append(f"parallel sizes must be >= 1: {', '.join(bad)}.")
+        return
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
+
+    model_par = tp * pp * cp
+    if world_size % model_par:
+        errors.append(
+            f"world size {world_size} is not a multiple of tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size x context_parallel_size = {tp} x {pp} x {cp} = "
+            f"{model_par}: world size = TP x PP x CP x DP. Launch a multiple of {model_par} "
+            "processes or change the parallel sizes."
+        )
+        return
+    dp = world_size // model_par
+    if world_size % (etp * ep * pp):
+        errors.append(
+            f"world size {world_size} is not a multiple of expert_tensor_parallel_size x "
+            f"expert_model_parallel_size x pipeline_model_parallel_size = {etp} x {ep} x {pp}; "
+            "choose an EP that divides the processes of one pipeline stage."
+        )
+    if (tp * cp * dp) % (ep * etp):
+        errors.append(
+            f"expert_model_parallel_size x expert_tensor_parallel_size = {ep * etp} must divide "
+            f"TP x CP x DP = {tp * cp * dp}, the ranks of one pipeline stage."
+        )
+    if m.num_attention_heads % tp:
+        errors.append(
+            f"tensor_model_parallel_size={tp} does not divide model.num_attention_heads="
+            f"{m.num_attention_heads}; use a TP that divides it."
+        )
+    if m.num_query_groups % tp:
+        errors.append(
+            f"tensor_model_parallel_size={tp} does not divide model.num_query_groups="
+            f"{m.num_query_groups} (key/value heads); use TP <= {m.num_query_groups} that divides it."
+        )
+    if m.num_moe_experts % ep:
+        errors.append(
+            f"expert_model_parallel_size={ep} does not divide model.num_moe_experts="
+            f"{m.num_moe_experts}; use an EP that divides it."
+        )
+    if tp > 1 and not p.sequence_parallel:
+        errors.append(
+            f"MoE with tensor_model_parallel_size={tp} needs parallel.sequence_parallel=true "
+            "(megatron-core refuses MoE + TP without it); add parallel.sequence_parallel=true."
+        )
+    if p.sequence_parallel and tp == 1:
+        errors.append("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1.")
+
+    vpp = p.virtual_pipeline_model_parallel_size
+    stages = pp * (vpp or 1)
+    if vpp is not None and (vpp < 1 or pp < 2):
+        errors.append(
+            "parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size"
+            f" >= 2 and a value >= 1 (got PP={pp}, VPP={vpp}); set it to null for no VPP."
+        )
+    elif m.num_layers % stages:
+        what = f"pipeline_model_parallel_size={pp}" + (
+            f" x virtual_pipeline_model_parallel_size={vpp}" if vpp else ""
+        )
+        errors.append(
+            f"model.num_layers={m.num_layers} is not divisible by {what} = {stages} model "
+            "chunks; choose sizes whose product divides the number of layers."
+        )
+    elif vpp and (m.num_layers // stages) < 1:
+        errors.append(f"VPP={vpp} leaves a model chunk without layers.")
+
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        errors.append("trainer.micro_batch_size and trainer.global_batch_size must be >= 1.")
+    elif t.global_batch_size % (t.micro_batch_size * dp):
+        errors.append(
+            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}; "
+            f"use a multiple of {t.micro_batch_size * dp}."
+        )
+    elif vpp and (t.global_batch_size // (t.micro_batch_size * dp)) % pp:
+        errors.append(
+            "the interleaved (VPP) schedule needs the number of micro-batches "
+            f"({t.global_batch_size // (t.micro_batch_size * dp)}) to be a multiple of "
+            f"pipeline_model_parallel_size={pp}; raise trainer.global_batch_size."
+        )
+
+    seq = cfg.data.seq_length
+    if p.sequence_parallel and seq % (tp * cp):
+        errors.append(f"data.seq_length={seq} must be divisible by TP x CP = {tp * cp}.")
+    if cp > 1 and seq % (2 * cp):
+        errors.append(f"data.seq_length={seq} must be divisible by 2 x context_parallel_size.")
+    if seq > m.max_position_embeddings:
+        errors.append(
+            f"data.seq_length={seq} exceeds model.max_position_embeddings="
+            f"{m.max_position_embeddings}."
+        )
+    if p.moe_token_dispatcher_type not in DISPATCHERS:
+        errors.append(
+            f"parallel.moe_token_dispatcher_type={p.moe_token_dispatcher_type!r} is not one of "
+            f"{', '.join(DISPATCHERS)}."
+        )
+    if p.overlap_param_gather and not (p.use_distributed_optimizer and p.overlap_grad_reduce):
+        errors.append(
+            "parallel.overlap_param_gather=true needs use_distributed_optimizer=true and "
+            "overlap_grad_reduce=true."
+        )
+
+
+def _check_model(cfg: Any, errors: list[str]) -> None:
+    m = cfg.model
+    if m.num_attention_heads % m.num_query_groups:
+        errors.append(
+            f"model.num_query_groups={m.num_query_groups} must divide "
+            f"model.num_attention_heads={m.num_attention_heads}."
+        )
+    if not 0 < m.rotary_percent <= 1:
+        errors.append(f"model.rotary_percent={m.rotary_percent} must be in (0, 1].")
+    if not 0 <= m.first_k_dense_replace <= m.num_layers:
+        errors.append(
+            f"model.first_k_dense_replace={m.first_k_dense_replace} must be in "
+            f"[0, num_layers={m.num_layers}]."
+        )
+    if m.moe_router_topk > m.num_moe_experts:
+        errors.append(
+            f"model.moe_router_topk={m.moe_router_topk} exceeds num_moe_experts={m.num_moe_experts}."
+        )
+    groups, group_topk = m.moe_router_num_groups, m.moe_router_group_topk
+    if groups:
+        if m.num_moe_experts % groups:
+            errors.append(
+                f"model.moe_router_num_groups={groups} must divide num_moe_experts="
+                f"{m.num_moe_experts}."
+            )
+        if not 1 <= group_topk <= groups:
+            errors.append(f"model.moe_router_group_topk={group_topk} must be in [1, {groups}].")
+        elif m.moe_router_topk != 2 * group_topk:
+            errors.append(
+                f"model.moe_router_topk={m.moe_router_topk} != 2 x moe_router_group_topk="
+                f"{group_topk}: megatron-core scores a group by its top (topk / group_topk) "
+                "experts while Ling's HF checkpoints always use the top 2, so this model would "
+                "train differently from the one it is served as. Use topk = 2 x group_topk."
+            )
+        elif (m.num_moe_experts // groups) < 2:
+            errors.append("each expert group needs at least 2 experts (top-2 group score).")
+    if m.moe_router_score_function not in ("sigmoid", "softmax"):
+        errors.append(
+            f"model.moe_router_score_function={m.moe_router_score_function!r} must be "
+            "'sigmoid' or 'softmax'."
+        )
+    if m.mtp_num_layers < 0:
+        errors.append("model.mtp_num_layers must be >= 0.")
+
+
+def _check_training(cfg: Any, errors: list[str]) -> None:
+    t, o, d = cfg.trainer, cfg.optimizer, cfg.data
+    if t.params_dtype not in PARAMS_DTYPES:
+        errors.append(f"trainer.params_dtype={t.params_dtype!r} must be one of fp32, bf16, fp16.")
+    if t.max_steps < 1:
+        errors.append(f"trainer.max_steps={t.max_steps} must be >= 1.")
+    if t.recompute_granularity not in RECOMPUTE:
+        errors.append(
+            f"trainer.recompute_granularity={t.recompute_granularity!r} must be null, 'full' or "
+            "'selective'."
+        )
+    if o.optimizer != "adam":
+        errors.append(f"optimizer.optimizer={o.optimizer!r}: only 'adam' (AdamW) is available.")
+    if o.lr_decay_style not in DECAY_STYLES:
+        errors.append(
+            f"optimizer.lr_decay_style={o.lr_decay_style!r} must be one of {', '.join(DECAY_STYLES)}."
+        )
+    if o.min_lr > o.lr:
+        errors.append(f"optimizer.min_lr={o.min_lr} exceeds optimizer.lr={o.lr}.")
+    if d.source not in DATA_SOURCES:
+        errors.append(f"data.source={d.source!r} must be one of {', '.join(DATA_SOURCES)}.")
+    if d.source == "indexed":
+        if not d.prefixes:
+            errors.append(
+                "data.source=indexed needs data.prefixes=[...] (outputs of "
+                "data_tools/pretokenize.py), or use data=builtin / data=mock."
+            )
+        for prefix in d.prefixes:
+            missing = [s for s in (".bin", ".idx") if not os.path.exists(prefix + s)]
+            if missing:
+                errors.append(
+                    f"data.prefixes entry {prefix!r}: {' and '.join(prefix + s for s in missing)} "
+                    "not found; give the path prefix without .bin/.idx."
+                )
+        if d.weights is not None and len(d.weights) != len(d.prefixes):
+            errors.append(
+                f"data.weights has {len(d.weights)} entries but data.prefixes has "
+                f"{len(d.prefixes)}; give one weight per prefix or null."
+            )
+        if d.eod_token_id is None and d.tokenizer is None:
+            errors.append(
+                "data.source=indexed needs data.eod_token_id or data.tokenizer (an HF tokenizer "
+                "directory) to know the end-of-document token."
+            )
+    if d.seq_length < 2:
+        errors.append(f"data.seq_length={d.seq_length} must be >= 2.")
+    if cfg.checkpoint.init_from and cfg.checkpoint.load_dir:
+        errors.append(
+            "checkpoint.init_from (weights only, step 0) and checkpoint.load_dir (full resume) "
+            "exclude each other; set one."
+        )
+
+
+def _check_hardware(cfg: Any, world_size: int, hw: Hardware, errors: list[str]) -> None:
+    p, f = cfg.parallel, cfg.fp8
+    requested = cfg.run.device
+    if requested not in ("auto", "cuda", "cpu"):
+        errors.append(f"run.device={requested!r} must be 'auto', 'cuda' or 'cpu'.")
+    if requested == "cuda" and hw.device != "cuda":
+        errors.append("run.device=cuda but no CUDA device is visible; use run.device=auto.")
+    on_gpu = hw.device == "cuda" and requested != "cpu"
+
+    if p.context_parallel_size > 1 and not (on_gpu and hw.has_transformer_engine):
+        errors.append(
+            f"parallel.context_parallel_size={p.context_parallel_size} needs TransformerEngine "
+            "on CUDA GPUs (only TE's attention supports context parallelism); set it to 1 here."
+        )
+    if p.moe_token_dispatcher_type == "flex" and not (on_gpu and hw.has_transformer_engine):
+        errors.append(
+            "parallel.moe_token_dispatcher_type=flex needs CUDA GPUs with DeepEP and "
+            "TransformerEngine; use alltoall."
+        )
+    if f.recipe not in FP8_RECIPES:
+        errors.append(f"fp8.recipe={f.recipe!r} is not one of {', '.join(FP8_RECIPES)}.")
+    elif f.recipe != "bf16" and not f.emulate:
+        if not on_gpu:
+            errors.append(
+                f"fp8.recipe={f.recipe} needs an NVIDIA GPU with TransformerEngine; this machine "
+                "has no CUDA device. Use fp8=bf16, or fp8.emulate=true to emulate the recipe's "
+                "numerics."
+            )
+        elif not hw.has_transformer_engine:
+            errors.append(
+                f"fp8.recipe={f.recipe} needs TransformerEngine (pip install "
+                "'ling_pretrain[gpu]'); it is not importable."
+            )
+        elif f.recipe.startswith("blockwise") and (hw.compute_capability or (0, 0)) < (9, 0):
+            errors.append(
+                f"fp8.recipe={f.recipe} needs compute capability >= 9.0 (Hopper); this GPU is "
+                f"{hw.compute_capability}."
+            )
+        elif f.recipe == "mxfp8" and (hw.compute_capability or (0, 0)) < (10, 0):
+            errors.append("fp8.recipe=mxfp8 needs a Blackwell GPU (compute capability >= 10.0).")
+
+    if cfg.run.check_memory and not errors:
+        need = estimate_state_bytes(cfg, world_size)
+        if need > hw.memory_bytes:
+            where = "one GPU" if on_gpu else "the host RAM share of one process"
+            errors.append(
+                f"model {cfg.model.name} needs at least {need / GIB:.1f} GiB per process for "
+                f"weights, gradients and optimizer states under this layout, but {where} has "
+                f"{hw.memory_bytes / GIB:.1f} GiB. Spread it over more GPUs (raise "
+                "expert_model_parallel_size / pipeline_model_parallel_size / data parallelism "
+                "with the distributed optimizer) or pick a smaller model (+model=ling_tiny on CPU)."
+                " run.check_memory=false skips this check."
+            )
+
+
+def estimate_state_bytes(cfg: Any, world_size: int) -> int:
+    """Lower bound of the bytes one rank holds for weights, gradients and optimizer states.
+
+    Activations are not counted, so a layout that fails this bound certainly cannot run.
+    Gradients are fp32 (megatron's main_grad); Adam keeps fp32 master weights (when params are
+    not fp32) and two fp32 moments, sharded over data parallelism by the distributed optimizer.
+    """
+    from ling_pretrain.models.ling.params import count_parameters
+
+    layout = derive_layout(cfg, world_size)
+    counts = count_parameters(cfg.model)
+    experts = counts.expert_params + counts.mtp_expert_params
+    dense = counts.total_params + counts.mtp_params - experts
+    local_dense = dense / (layout.tp * layout.pp)
+    local_experts = experts / (layout.ep * layout.etp * layout.pp)
+    param_bytes = PARAMS_DTYPES.get(cfg.trainer.params_dtype, 4)
+    per_param = param_bytes + 4  # weight + fp32 grad
+    opt = 8 + (0 if param_bytes == 4 else 4)
+    dense_opt_shard = layout.dp * layout.cp if cfg.parallel.use_distributed_optimizer else 1
+    expert_opt_shard = layout.expert_dp if cfg.parallel.use_distributed_optimizer else 1
+    total = (
+        local_dense * (per_param + opt / dense_opt_shard)
+        + local_experts * (per_param + opt / expert_opt_shard)
+    )
+    return int(total)
+
+
+def validate(cfg: Any, world_size: int, hardware: Optional[Hardware] = None) -> Layout:
+    """Check a composed job config for a run on ``world_size`` processes.
+
+    Args:
+        cfg: the composed config (``JobConfig`` structure).
+        world_size: number of training processes.
+        hardware: the machine; detected when None.
+
+    Returns:
+        The derived parallel layout.
+
+    Raises:
+        ConfigError: listing every problem found, each with the field names and the fix.
+    """
+    errors: list[str] = []
+    _check_model(cfg, errors)
+    _check_layout(cfg, world_size, errors)
+    _check_training(cfg, errors)
+    if not errors:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        _check_hardware(cfg, world_size, hardware or Hardware.detect(local), errors)
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise ConfigError(f"invalid configuration ({len(errors)} problem(s)):\n{lines}")
+    return derive_layout(cfg, world_size)

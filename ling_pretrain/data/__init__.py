@@ -1,0 +1,1 @@
+"""Training data: indexed datasets, blends and the built-in corpus."""

@@ -1,0 +1,1 @@
+"""Ling 2.0 (BailingMoeV2) on megatron-core."""

@@ -1,0 +1,93 @@
+"""Build the megatron-core Ling 2.0 model: the only place a ``GPTModel`` is constructed.
+
+Ling 2.0 maps onto megatron-core's GPT model with RMSNorm, per-head QK-norm (one weight of
+size head_dim shared by all heads, before RoPE), partial NeoX-style RoPE (``rotary_percent``),
+untied embeddings, dense first layers via ``moe_layer_freq``, the sigmoid group-limited router
+with expert bias, a shared expert, and MTP layers whose transformer layer is a copy of the last
+decoder layer's spec (an MoE layer).
+
+Layer specs: TransformerEngine's on GPUs with TE (needed for FP8), megatron's local
+(pure-PyTorch) ones otherwise. Spec functions are called with keyword arguments only, since
+their positional parameters differ between megatron-core releases.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ling_pretrain.models.ling.mcore_config import build_transformer_config, uses_transformer_engine
+
+
+def build_layer_specs(config: Any, use_te: bool, vp_stage: Optional[int] = None):
+    """Decoder block spec and MTP block spec (None when this stage has no MTP layer)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_mtp_block_spec,
+    )
+
+    kwargs = {} if use_te else {"normalization": "RMSNorm"}
+    block_spec = get_gpt_decoder_block_spec(
+        config=config, use_transformer_engine=use_te, vp_stage=vp_stage, **kwargs
+    )
+    mtp_spec = None
+    if config.mtp_num_layers:
+        is_last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        if is_last:
+            mtp_spec = get_gpt_mtp_block_spec(
+                config=config, spec=block_spec, use_transformer_engine=use_te, vp_stage=vp_stage
+            )
+    return block_spec, mtp_spec
+
+
+def build_model_chunk(cfg: Any, config: Any, vp_stage: Optional[int] = None):
+    """One pipeline model chunk (all of the model when PP = VPP = 1)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    use_te = uses_transformer_engine(cfg)
+    block_spec, mtp_spec = build_layer_specs(config, use_te, vp_stage)
+    m = cfg.model
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec,
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_percent=m.rotary_percent,
+        rotary_base=m.rotary_base,
+        mtp_block_spec=mtp_spec,
+        vp_stage=vp_stage,
+    )
+
+
+def build_model(cfg: Any) -> list:
+    """All model chunks of this rank, on its device, before DDP wrapping.
+
+    Requires megatron's parallel state to be initialised. Returns one chunk per virtual
+    pipeline stage (a single chunk without VPP).
+    """
+    import torch
+
+    config = build_transformer_config(cfg)
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    stages = [None] if not vpp else list(range(vpp))
+    chunks = [build_model_chunk(cfg, config, vp_stage=s) for s in stages]
+    if torch.cuda.is_available() and cfg.run.device != "cpu":
+        for chunk in chunks:
+            chunk.cuda(torch.cuda.current_device())
+    for chunk in chunks:
+        _keep_expert_bias_fp32(chunk)
+    return chunks
+
+
+def _keep_expert_bias_fp32(chunk: Any) -> None:
+    """The expert bias is an fp32 buffer whatever the params dtype (it must never round)."""
+    import torch
+
+    for name, buf in chunk.named_buffers():
+        if name.endswith("expert_bias") and buf.dtype != torch.float32:
+            raise TypeError(f"{name} is {buf.dtype}; the expert bias must stay fp32")

@@ -1,0 +1,1 @@
+"""The trainer: setup, step, loop and metrics (separate from the model)."""

@@ -1,0 +1,126 @@
+"""The training loop: validate, set up, step, log, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from ling_pretrain.checkpoint.dist import save_checkpoint
+from ling_pretrain.config.validate import validate
+from ling_pretrain.data.gpt import make_loader
+from ling_pretrain.runtime.distributed import (
+    destroy_distributed,
+    init_distributed,
+    world_size_from_env,
+)
+from ling_pretrain.train import metrics
+from ling_pretrain.train.setup import TrainParts, setup
+from ling_pretrain.train.step import eval_step, train_step
+
+logger = logging.getLogger(__name__)
+
+
+def _write_config(cfg: Any, output_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+
+
+def _evaluate(parts: TrainParts) -> Optional[float]:
+    from megatron.core import parallel_state as ps
+
+    if parts.valid_dataset is None:
+        return None
+    t = parts.cfg.trainer
+    # Every evaluation reads the same validation samples, so values are comparable over time.
+    iters = [
+        make_loader(parts.valid_dataset, 0, parts.cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        for _ in parts.model
+    ]
+    loss, _ = eval_step(parts, iters, t.eval_iters)
+    return loss
+
+
+def run_training(parts: TrainParts, writer: metrics.MetricsWriter, save_dir: str) -> dict:
+    """Train from ``parts.state.step`` to ``trainer.max_steps``; returns the last record."""
+    cfg, state, layout = parts.cfg, parts.state, parts.layout
+    t, ck = cfg.trainer, cfg.checkpoint
+    tokens_per_step = t.global_batch_size * cfg.data.seq_length
+    record: dict = {}
+    if state.step >= t.max_steps:
+        logger.info("already at step %d >= trainer.max_steps=%d: nothing to do", state.step, t.max_steps)
+        return record
+    window_start, window_steps = time.perf_counter(), 0
+    while state.step < t.max_steps:
+        result = train_step(parts, layout.num_microbatches)
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        state.tokens += tokens_per_step
+        window_steps += 1
+        mtp = metrics.mtp_loss(layout.num_microbatches, parts.device)
+        zl = metrics.z_loss(layout.num_microbatches, parts.device)
+        val = None
+        if t.eval_interval > 0 and state.step % t.eval_interval == 0:
+            val = _evaluate(parts)
+        if state.step % cfg.logging.log_interval == 0 or state.step == t.max_steps:
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": state.step,
+                "loss": result.loss,
+                "mtp_loss": mtp,
+                "z_loss": zl,
+                "lr": parts.optimizer.param_groups[0]["lr"],
+                "grad_norm": result.grad_norm,
+                "skipped": result.skipped,
+                "expert_load_max_violation": parts.step_stats.get("expert_load_max_violation"),
+                "tokens": state.tokens,
+                "tokens_per_sec": window_steps * tokens_per_step / elapsed,
+                "step_time": elapsed / window_steps,
+            }
+            if val is not None:
+                record["val_loss"] = val
+            writer.log(record)
+            window_start, window_steps = time.perf_counter(), 0
+        if ck.save_interval > 0 and state.step % ck.save_interval == 0 and state.step < t.max_steps:
+            save_checkpoint(save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last)
+            window_start = time.perf_counter()
+    if ck.save_at_end:
+        save_checkpoint(save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last)
+    return record
+
+
+def train(cfg: Any) -> dict:
+    """Validate ``cfg``, then train on this process's share of the job.
+
+    Returns the last logged metrics record (the same on every rank).
+    """
+    layout = validate(cfg, world_size_from_env())
+    output_dir = cfg.run.output_dir
+    save_dir = cfg.checkpoint.save_dir or os.path.join(output_dir, "checkpoints")
+    info = init_distributed(cfg)
+    try:
+        if info.rank == 0:
+            _write_config(cfg, output_dir)
+            logger.info(
+                "%s on %d process(es): TP=%d PP=%d EP=%d CP=%d DP=%d VPP=%s, %d micro-batch(es) "
+                "per step, device %s",
+                cfg.model.name, layout.world_size, layout.tp, layout.pp, layout.ep, layout.cp,
+                layout.dp, layout.vpp, layout.num_microbatches, info.device.type,
+            )
+        parts = setup(cfg, layout, info.device, save_dir)
+        writer = metrics.MetricsWriter(output_dir, cfg, resume_step=parts.state.step)
+        try:
+            return run_training(parts, writer, save_dir)
+        finally:
+            writer.close()
+    finally:
+        dist.barrier()
+        destroy_distributed()

@@ -1,0 +1,146 @@
+"""Assemble the parts of a training run into a plain dataclass (no god object)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ling_pretrain.checkpoint.dist import TrainState, find_latest, load_checkpoint
+from ling_pretrain.config.validate import Layout
+from ling_pretrain.data.gpt import build_datasets, data_cache_dir, make_loader, resolve_data
+from ling_pretrain.models.ling.builder import build_model
+from ling_pretrain.models.ling.mcore_config import build_ddp_config, build_optimizer_config
+from ling_pretrain.train.moe import make_finalize_model_grads
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainParts:
+    """Everything the loop uses. Each function takes only the parts it needs."""
+
+    cfg: Any
+    layout: Layout
+    device: torch.device
+    model: list
+    optimizer: Any
+    scheduler: Any
+    state: TrainState
+    train_iters: list
+    valid_dataset: Optional[Any]
+    step_stats: dict = field(default_factory=dict)
+    """Per-step statistics filled during the step (expert load)."""
+
+
+def wrap_ddp(cfg: Any, chunks: list) -> list:
+    """Wrap model chunks in megatron's DistributedDataParallel."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    ddp_config = build_ddp_config(cfg)
+    return [
+        DistributedDataParallel(
+            config=chunk.config,
+            ddp_config=ddp_config,
+            module=chunk,
+            disable_bucketing=i > 0,
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def build_scheduler(cfg: Any, optimizer: Any):
+    """megatron's OptimizerParamScheduler, counted in optimizer steps."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optimizer
+    decay = o.lr_decay_steps or cfg.trainer.max_steps
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.lr_warmup_steps,
+        lr_decay_steps=max(decay, o.lr_warmup_steps + 1),
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(decay, 1),
+        wd_incr_style="constant",
+        wsd_decay_steps=max(decay // 10, 1) if o.lr_decay_style == "WSD" else None,
+        lr_wsd_decay_style="cosine" if o.lr_decay_style == "WSD" else None,
+    )
+
+
+def _restore(cfg: Any, model: list, optimizer: Any, scheduler: Any, save_dir: str) -> TrainState:
+    """Resume (everything) or initialise (weights only), as the checkpoint config says."""
+    ck = cfg.checkpoint
+    if ck.load_dir:
+        logger.info("resuming from %s", ck.load_dir)
+        return load_checkpoint(ck.load_dir, model, optimizer, scheduler)
+    latest = find_latest(save_dir) if ck.resume else None
+    if latest is not None:
+        logger.info("resuming from %s", latest)
+        return load_checkpoint(latest, model, optimizer, scheduler)
+    if ck.init_from:
+        logger.info("initialising weights from %s (fresh optimizer, step 0)", ck.init_from)
+        load_checkpoint(ck.init_from, model)
+        # The optimizer's fp32 master weights were copied before the load; refresh them.
+        optimizer.reload_model_params()
+    return TrainState()
+
+
+def setup(cfg: Any, layout: Layout, device: torch.device, save_dir: str) -> TrainParts:
+    """Build model, optimizer, schedule and data for this rank, restoring a checkpoint."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    chunks = build_model(cfg)
+    model = wrap_ddp(cfg, chunks)
+    optimizer = get_megatron_optimizer(build_optimizer_config(cfg), model)
+    scheduler = build_scheduler(cfg, optimizer)
+
+    config = chunks[0].config
+    step_stats: dict = {}
+    config.finalize_model_grads_func = make_finalize_model_grads(step_stats, device)
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    if cfg.parallel.overlap_param_gather:
+        config.param_sync_func = [m.start_param_sync for m in model]
+        if len(model) == 1:
+            config.param_sync_func = config.param_sync_func[0]
+
+    state = _restore(cfg, model, optimizer, scheduler, save_dir)
+
+    data = resolve_data(cfg)
+    t = cfg.trainer
+    train_samples = t.max_steps * t.global_batch_size
+    evals = (t.max_steps // t.eval_interval + 1) if t.eval_interval > 0 else 0
+    valid_samples = evals * t.eval_iters * t.micro_batch_size * layout.dp
+    cache = data_cache_dir(cfg)
+    if dist.get_rank() == 0:
+        train_ds, valid_ds, _ = build_datasets(cfg, data, (train_samples, valid_samples, 0), cache)
+    dist.barrier()
+    if dist.get_rank() != 0:
+        train_ds, valid_ds, _ = build_datasets(cfg, data, (train_samples, valid_samples, 0), cache)
+    if train_ds is None:
+        raise ValueError(f"data.split={cfg.data.split!r} leaves no training documents")
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    train_iters = [
+        make_loader(train_ds, state.consumed_samples, cfg, dp_rank, dp_size) for _ in model
+    ]
+    return TrainParts(
+        cfg=cfg,
+        layout=layout,
+        device=device,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+        train_iters=train_iters,
+        valid_dataset=valid_ds,
+        step_stats=step_stats,
+    )
