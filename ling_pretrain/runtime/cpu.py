@@ -72,11 +72,48 @@ def _redirect(value: Any) -> Any:
     return _CPU if _is_cuda_device(value) else value
 
 
+def _run_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
+    """``torch.autograd.backward`` without its torch-function dispatch (same arguments)."""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)), is_grads_batched=False)
+    _engine_run_backward(
+        tensors,
+        grads,
+        create_graph if retain_graph is None else retain_graph,
+        create_graph,
+        inputs,
+        allow_unreachable=True,
+        accumulate_grad=True,
+    )
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA placement requests to the CPU; see the module docstring."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs) if kwargs else {}
+        # A mode is popped while its handler runs. Backward runs Python autograd functions
+        # (megatron's all-to-all, ...) that place tensors on "the CUDA device", so the engine
+        # must run with this mode active again.
+        if func is torch.autograd.backward:
+            with self:
+                return _run_backward(*args, **kwargs)
+        if func is torch.Tensor.backward:
+            tensor, *rest = args
+            names = ("gradient", "retain_graph", "create_graph", "inputs")
+            bound = dict(zip(names, rest)) | kwargs
+            with self:
+                return _run_backward(
+                    tensor,
+                    bound.get("gradient"),
+                    bound.get("retain_graph"),
+                    bound.get("create_graph", False),
+                    bound.get("inputs"),
+                )
         if "device" in kwargs:
             kwargs["device"] = _redirect(kwargs["device"])
         if kwargs.get("pin_memory"):

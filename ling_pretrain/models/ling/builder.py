@@ -18,8 +18,57 @@ from typing import Any, Optional
 from ling_pretrain.models.ling.mcore_config import build_transformer_config, uses_transformer_engine
 
 
+def _swap_modules(spec: Any, old: tuple, new: type, seen: Optional[set] = None) -> Any:
+    """Replace every module class in ``old`` by ``new`` inside a megatron spec tree, in place."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(spec, type):
+        return new if spec in old else spec
+    seen = set() if seen is None else seen
+    if id(spec) in seen:
+        return spec
+    seen.add(id(spec))
+    if isinstance(spec, ModuleSpec):
+        if spec.module in old:
+            spec.module = new
+        _swap_modules(spec.submodules, old, new, seen)
+        return spec
+    if isinstance(spec, (list, tuple)):
+        items = [_swap_modules(s, old, new, seen) for s in spec]
+        if isinstance(spec, list):
+            spec[:] = items
+            return spec
+        return type(spec)(items)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        for f in dataclasses.fields(spec):
+            value = getattr(spec, f.name)
+            replaced = _swap_modules(value, old, new, seen)
+            if replaced is not value:
+                setattr(spec, f.name, replaced)
+    return spec
+
+
+def _local_norm_classes() -> tuple:
+    """The norm classes megatron's local spec may use (torch's, or apex's when installed)."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    classes: list = [WrappedTorchNorm]
+    try:
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+        classes.append(FusedLayerNorm)
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
 def build_layer_specs(config: Any, use_te: bool, vp_stage: Optional[int] = None):
-    """Decoder block spec and MTP block spec (None when this stage has no MTP layer)."""
+    """Decoder block spec and MTP block spec (None when this stage has no MTP layer).
+
+    On the local path every norm is :class:`~ling_pretrain.models.ling.norm.RMSNorm`.
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,
@@ -37,6 +86,13 @@ def build_layer_specs(config: Any, use_te: bool, vp_stage: Optional[int] = None)
             mtp_spec = get_gpt_mtp_block_spec(
                 config=config, spec=block_spec, use_transformer_engine=use_te, vp_stage=vp_stage
             )
+    if not use_te:
+        from ling_pretrain.models.ling.norm import RMSNorm
+
+        norms = _local_norm_classes()
+        block_spec = _swap_modules(block_spec, norms, RMSNorm)
+        if mtp_spec is not None:
+            mtp_spec = _swap_modules(mtp_spec, norms, RMSNorm)
     return block_spec, mtp_spec
 
 
