@@ -49,6 +49,8 @@ class TrainState:
     """Training samples consumed (global)."""
     tokens: int = 0
     """Training tokens consumed (global)."""
+    weights_only: bool = False
+    """The checkpoint holds model weights only (a seed checkpoint): nothing else to resume."""
 
 
 def iter_dir_name(step: int) -> str:
@@ -80,20 +82,38 @@ def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
 
+def _unwrap(chunk: Any) -> Any:
+    """The model chunk inside a DDP wrapper (checkpoint keys are the model's own)."""
+    return getattr(chunk, "module", chunk)
+
+
 def model_sharded_state_dict(model: list) -> dict:
-    """Sharded state dict of all model chunks (keys ``model`` or ``model0..N``)."""
-    return {_model_key(i, len(model)): m.sharded_state_dict() for i, m in enumerate(model)}
+    """Sharded state dict of all model chunks (keys ``model`` or ``model0..N``).
+
+    With MTP on a later pipeline stage than the embedding, megatron keeps a tied copy of the
+    embedding there; tying it in the checkpoint needs the data-parallel group.
+    """
+    from megatron.core import parallel_state as ps
+
+    metadata = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+    return {
+        _model_key(i, len(model)): _unwrap(m).sharded_state_dict(metadata=metadata)
+        for i, m in enumerate(model)
+    }
 
 
 def save_checkpoint(
     save_dir: str,
     state: TrainState,
     model: list,
-    optimizer: Any,
-    scheduler: Any,
+    optimizer: Any = None,
+    scheduler: Any = None,
     keep_last: int = 0,
 ) -> Path:
-    """Save everything needed to resume, atomically. Collective: every rank calls it."""
+    """Save everything needed to resume, atomically. Collective: every rank calls it.
+
+    Without an optimizer only the weights are saved (a seed checkpoint).
+    """
     from megatron.core import dist_checkpointing
 
     root = Path(save_dir)
@@ -107,12 +127,14 @@ def save_checkpoint(
         partial.mkdir()
     dist.barrier()
     sharded = model_sharded_state_dict(model)
-    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=OPTIMIZER_METADATA)
-    sharded["scheduler"] = scheduler.state_dict()
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=OPTIMIZER_METADATA)
+        sharded["scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(sharded, str(partial))
     dist.barrier()
     if dist.get_rank() == 0:
-        _atomic_write_text(partial / STATE_FILE, json.dumps(asdict(state), indent=2))
+        record = asdict(state) | {"weights_only": optimizer is None}
+        _atomic_write_text(partial / STATE_FILE, json.dumps(record, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -154,12 +176,15 @@ def load_checkpoint(
 ) -> TrainState:
     """Load a checkpoint into ``model`` (and optimizer/scheduler when given: a resume).
 
-    With ``optimizer=None`` only the weights are loaded and a fresh :class:`TrainState` is
-    returned (``init_from``). Collective: every rank calls it.
+    With ``optimizer=None``, or from a weights-only checkpoint, only the weights are loaded
+    and a fresh :class:`TrainState` is returned (``init_from``). Collective: every rank calls it.
     """
     from megatron.core import dist_checkpointing
 
     ckpt = resolve_checkpoint_dir(str(path))
+    saved = json.loads((ckpt / STATE_FILE).read_text()) if (ckpt / STATE_FILE).is_file() else {}
+    if saved.get("weights_only"):
+        optimizer = scheduler = None
     sharded = model_sharded_state_dict(model)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(
@@ -167,10 +192,10 @@ def load_checkpoint(
         )
     state_dict = dist_checkpointing.load(sharded, str(ckpt))
     for i, m in enumerate(model):
-        m.load_state_dict(state_dict[_model_key(i, len(model))], strict=True)
+        _unwrap(m).load_state_dict(state_dict[_model_key(i, len(model))], strict=True)
     if optimizer is None:
         return TrainState()
     optimizer.load_state_dict(state_dict["optimizer"])
     if scheduler is not None and "scheduler" in state_dict:
         scheduler.load_state_dict(state_dict["scheduler"])
-    return TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
+    return TrainState(**saved)

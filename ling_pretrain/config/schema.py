@@ -234,6 +234,9 @@ class CheckpointConfig:
     """Initialise weights only (fresh optimizer, step 0) from this megatron checkpoint."""
     keep_last: int = 0
     """Keep only this many newest checkpoints; 0 keeps all."""
+    seed_checkpoint: bool = False
+    """Only build and initialise the model, save it as step 0 and exit: a seed checkpoint any
+    parallel layout can start from with ``checkpoint.init_from``."""
 
 
 @dataclass(kw_only=True)

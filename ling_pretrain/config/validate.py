@@ -196,6 +196,27 @@ def _check_layout(cfg: Any, world_size: int, errors: list[str]) -> None:
         )
 
 
+def _check_unknown_keys(cfg: Any, errors: list[str]) -> None:
+    """Hydra's ``+group.key=value`` adds keys even to typed nodes; refuse ones no schema has."""
+    import dataclasses
+    import difflib
+    import typing
+
+    from ling_pretrain.config.schema import JobConfig
+
+    def walk(node: Any, schema: type, path: str) -> None:
+        hints = typing.get_type_hints(schema)
+        for key in node.keys():
+            if key not in hints:
+                close = difflib.get_close_matches(str(key), list(hints), n=1)
+                hint = f" (did you mean {path}{close[0]}?)" if close else ""
+                errors.append(f"{path}{key} is not a configuration field{hint}.")
+            elif dataclasses.is_dataclass(hints[key]):
+                walk(node[key], hints[key], f"{path}{key}.")
+
+    walk(cfg, JobConfig, "")
+
+
 def _check_model(cfg: Any, errors: list[str]) -> None:
     m = cfg.model
     if m.num_attention_heads % m.num_query_groups:
@@ -391,6 +412,9 @@ def validate(cfg: Any, world_size: int, hardware: Optional[Hardware] = None) -> 
         ConfigError: listing every problem found, each with the field names and the fix.
     """
     errors: list[str] = []
+    _check_unknown_keys(cfg, errors)
+    if errors:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
     _check_model(cfg, errors)
     _check_layout(cfg, world_size, errors)
     _check_training(cfg, errors)

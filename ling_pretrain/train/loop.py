@@ -116,11 +116,19 @@ def train(cfg: Any) -> dict:
                 layout.dp, layout.vpp, layout.num_microbatches, info.device.type,
             )
         parts = setup(cfg, layout, info.device, save_dir)
+        if cfg.checkpoint.seed_checkpoint:
+            path = save_checkpoint(save_dir, parts.state, parts.model)
+            logger.info("seed checkpoint written to %s", path)
+            dist.barrier()
+            return {}
         writer = metrics.MetricsWriter(output_dir, cfg, resume_step=parts.state.step)
         try:
-            return run_training(parts, writer, save_dir)
+            record = run_training(parts, writer, save_dir)
         finally:
             writer.close()
-    finally:
         dist.barrier()
+        return record
+    finally:
+        # No collective here: after an error on one rank the others may be inside one, and a
+        # barrier would turn the error into a hang. torchrun stops the remaining ranks.
         destroy_distributed()

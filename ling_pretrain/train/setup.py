@@ -84,7 +84,10 @@ def _restore(cfg: Any, model: list, optimizer: Any, scheduler: Any, save_dir: st
     latest = find_latest(save_dir) if ck.resume else None
     if latest is not None:
         logger.info("resuming from %s", latest)
-        return load_checkpoint(latest, model, optimizer, scheduler)
+        state = load_checkpoint(latest, model, optimizer, scheduler)
+        if state.weights_only:
+            optimizer.reload_model_params()
+        return state
     if ck.init_from:
         logger.info("initialising weights from %s (fresh optimizer, step 0)", ck.init_from)
         load_checkpoint(ck.init_from, model)

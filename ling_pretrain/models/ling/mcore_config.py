@@ -46,6 +46,7 @@ def transformer_config_kwargs(cfg: Any) -> dict[str, Any]:
     m, p, t, f = cfg.model, cfg.parallel, cfg.trainer, cfg.fp8
     dtype = DTYPES[t.params_dtype]
     on_te = uses_transformer_engine(cfg)
+    on_cuda = torch.cuda.is_available() and cfg.run.device != "cpu"
     kwargs: dict[str, Any] = dict(
         # Architecture.
         num_layers=m.num_layers,
@@ -115,6 +116,10 @@ def transformer_config_kwargs(cfg: Any) -> dict[str, Any]:
         masked_softmax_fusion=on_te,
         bias_activation_fusion=False,
         cross_entropy_loss_fusion=False,
+        # Batched p2p posts both directions to the same peer (PP=2 is a ring of two) in one
+        # order on every rank; gloo matches messages per peer in posting order and swaps
+        # activations with gradients. The unbatched path orders by even/odd rank.
+        batch_p2p_comm=on_cuda,
     )
     if t.recompute_granularity == "selective" and t.recompute_modules:
         kwargs["recompute_modules"] = list(t.recompute_modules)

@@ -1,0 +1,95 @@
+"""Every parallel layout computes the same model as one process (fp32, gloo).
+
+All runs start from one seed checkpoint, so they share weights whatever their layout; the
+first step's loss must then agree with the single-process run to 1e-5, and a few steps of
+training must lower the loss.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import TINY, read_metrics, run_pretrain
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 4
+LAYOUTS = {
+    "dp2": [],
+    "tp2_sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+    "ep2": ["parallel.expert_model_parallel_size=2"],
+    "ep2_allgather": [
+        "parallel.expert_model_parallel_size=2",
+        "parallel.moe_token_dispatcher_type=allgather",
+    ],
+    "pp2": ["parallel.pipeline_model_parallel_size=2"],
+    "pp2_vpp2": [
+        "parallel.pipeline_model_parallel_size=2",
+        "parallel.virtual_pipeline_model_parallel_size=2",
+    ],
+}
+
+
+def _run(tmp_path, seed_checkpoint, name, extra, nproc):
+    out = tmp_path / name
+    run_pretrain(
+        out,
+        [*TINY, f"trainer.max_steps={STEPS}", f"checkpoint.init_from={seed_checkpoint}",
+         "checkpoint.save_at_end=false", *extra],
+        nproc=nproc,
+    )
+    return read_metrics(out)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, seed_checkpoint):
+    return _run(tmp_path_factory.mktemp("ref"), seed_checkpoint, "single", [], nproc=1)
+
+
+def test_single_process_trains(reference):
+    losses = [r["loss"] for r in reference]
+    assert len(losses) == STEPS
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(r["mtp_loss"] is not None and r["mtp_loss"] > 0 for r in reference)
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory, seed_checkpoint):
+    cache: dict[str, list[dict]] = {}
+
+    def get(name: str) -> list[dict]:
+        if name not in cache:
+            cache[name] = _run(tmp_path_factory.mktemp(name), seed_checkpoint, name, LAYOUTS[name], 2)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(layout_runs, reference, name):
+    records = layout_runs(name)
+    assert len(records) == STEPS
+    assert records[0]["loss"] == pytest.approx(reference[0]["loss"], abs=1e-5)
+    assert records[0]["mtp_loss"] == pytest.approx(reference[0]["mtp_loss"], abs=1e-5)
+    losses = [r["loss"] for r in records]
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+GRAD_NORM_KNOWN_GAPS = {
+    "tp2_sp": "MTP gradients under TP2 + sequence parallelism differ from one process by ~1.6e-4 "
+    "relative (forward and LM-loss gradients agree); under investigation",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(reason=GRAD_NORM_KNOWN_GAPS[n], strict=True))
+        if n in GRAD_NORM_KNOWN_GAPS
+        else n
+        for n in LAYOUTS
+    ],
+)
+def test_layout_gradients_match_single_process(layout_runs, reference, name):
+    records = layout_runs(name)
+    assert records[0]["grad_norm"] == pytest.approx(reference[0]["grad_norm"], rel=2e-5)
