@@ -33,7 +33,14 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for var in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ):
         env.pop(var, None)
     return env
 
@@ -47,20 +54,32 @@ def run_pretrain(
         cmd = [sys.executable, str(PRETRAIN), *args]
     else:
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", str(PRETRAIN), *args,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(PRETRAIN),
+            *args,
         ]
     # A new session, so a timeout can stop torchrun's workers too, not only torchrun.
     with subprocess.Popen(
-        cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
+        cmd,
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     ) as popen:
         try:
             stdout, stderr = popen.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as err:
             os.killpg(popen.pid, signal.SIGKILL)
             stdout, stderr = popen.communicate()
-            raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{stderr[-4000:]}")
+            raise AssertionError(
+                f"{' '.join(cmd)} timed out after {timeout} s:\n{stderr[-4000:]}"
+            ) from err
     proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch.distributed as dist
 
@@ -77,7 +77,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def find_latest(save_dir: str | os.PathLike) -> Optional[Path]:
+def find_latest(save_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint directory in ``save_dir``, or None."""
     root = Path(save_dir)
     marker = root / LATEST
@@ -151,7 +151,9 @@ def save_checkpoint(
         os.replace(partial, final)
         _atomic_write_text(root / LATEST, final.name)
         if keep_last > 0:
-            done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial"))
+            done = sorted(
+                p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial")
+            )
             for old in done[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         logger.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - start)
@@ -201,8 +203,12 @@ def _prime_adam_state(optimizer: Any) -> None:
                 state = inner.state[p]
                 if "step" not in state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
-                    state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+                    state.setdefault(
+                        "exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format)
+                    )
+                    state.setdefault(
+                        "exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format)
+                    )
 
 
 def _restore_adam_steps(optimizer: Any) -> None:

@@ -12,7 +12,7 @@ mapping in :mod:`ling_pretrain.models.ling.mcore_config` stays mechanical.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -88,7 +88,7 @@ class ParallelConfig:
     """Tensor parallel size (TP): attention heads and MLP columns split across ranks."""
     pipeline_model_parallel_size: int = 1
     """Pipeline parallel size (PP): layers split into consecutive stages."""
-    virtual_pipeline_model_parallel_size: Optional[int] = None
+    virtual_pipeline_model_parallel_size: int | None = None
     """Model chunks per pipeline rank for the interleaved schedule (VPP); null for none."""
     expert_model_parallel_size: int = 1
     """Expert parallel size (EP): routed experts split across ranks."""
@@ -158,7 +158,7 @@ class OptimizerConfig:
     """Linear warm-up steps from 0 to ``lr``."""
     lr_decay_style: str = "cosine"
     """Decay after warm-up: ``constant``, ``linear``, ``cosine`` or ``WSD``."""
-    lr_decay_steps: Optional[int] = None
+    lr_decay_steps: int | None = None
     """Steps over which the rate decays to ``min_lr``; null means ``trainer.max_steps``."""
 
 
@@ -171,21 +171,21 @@ class DataConfig:
     for smoke runs only)."""
     prefixes: list[str] = field(default_factory=list)
     """Indexed-dataset path prefixes (without .bin/.idx)."""
-    weights: Optional[list[float]] = None
+    weights: list[float] | None = None
     """Blend weights, one per prefix; null weighs prefixes by their size."""
     split: str = "99,1,0"
     """Train/validation/test split ratio of every prefix's documents."""
     seq_length: int = 4096
     """Tokens per training sample."""
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """HF tokenizer directory; supplies ``eod_token_id`` when that is null."""
-    eod_token_id: Optional[int] = None
+    eod_token_id: int | None = None
     """End-of-document token id (Ling: 156892, ``<|endoftext|>``)."""
     eod_mask_loss: bool = False
     """Exclude positions whose input is the end-of-document token from the loss."""
     reset_position_ids: bool = False
     """Restart position ids after every end-of-document token."""
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     """Where megatron caches sample indices; null puts them under the run's output dir."""
     num_workers: int = 1
     """DataLoader worker processes per rank."""
@@ -205,9 +205,9 @@ class TrainerConfig:
     """Dtype of model parameters and activations: ``fp32``, ``bf16`` or ``fp16``."""
     seed: int = 1234
     """Seed for initialisation and data order."""
-    recompute_granularity: Optional[str] = None
+    recompute_granularity: str | None = None
     """Activation recompute: null, ``full`` or ``selective``."""
-    recompute_modules: Optional[list[str]] = None
+    recompute_modules: list[str] | None = None
     """Modules recomputed under ``selective`` (e.g. ``[moe]``, Ling's choice)."""
     eval_interval: int = 0
     """Run validation every this many steps; 0 disables it."""
@@ -219,7 +219,7 @@ class TrainerConfig:
 class CheckpointConfig:
     """Saving, resuming and initialising weights."""
 
-    save_dir: Optional[str] = None
+    save_dir: str | None = None
     """Where checkpoints go; null means ``<run.output_dir>/checkpoints``."""
     save_interval: int = 0
     """Save every this many steps (0: only at the end of the run)."""
@@ -228,9 +228,9 @@ class CheckpointConfig:
     resume: bool = True
     """Resume everything (weights, optimizer, scheduler, step, data position, RNG) from the
     newest complete checkpoint in ``save_dir`` when there is one."""
-    load_dir: Optional[str] = None
+    load_dir: str | None = None
     """Resume from this checkpoint directory instead of ``save_dir``."""
-    init_from: Optional[str] = None
+    init_from: str | None = None
     """Initialise weights only (fresh optimizer, step 0) from this megatron checkpoint."""
     keep_last: int = 0
     """Keep only this many newest checkpoints; 0 keeps all."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 FP8_RECIPES = ("bf16", "blockwise", "blockwise_fp8_params", "tensorwise", "mxfp8")
 PARAMS_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -36,7 +36,7 @@ class Hardware:
     processes on this node."""
     has_transformer_engine: bool
     """Whether ``transformer_engine`` can be imported."""
-    compute_capability: Optional[tuple[int, int]] = None
+    compute_capability: tuple[int, int] | None = None
     """CUDA compute capability of device 0, when CUDA is present."""
 
     @staticmethod
@@ -64,7 +64,7 @@ class Layout:
     cp: int
     ep: int
     etp: int
-    vpp: Optional[int]
+    vpp: int | None
     dp: int
     expert_dp: int
     num_microbatches: int
@@ -73,12 +73,18 @@ class Layout:
 def derive_layout(cfg: Any, world_size: int) -> Layout:
     """Parallel sizes implied by ``cfg.parallel`` and ``world_size`` (assumes valid config)."""
     p = cfg.parallel
-    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    tp, pp, cp = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+    )
     ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
     dp = world_size // (tp * pp * cp)
     expert_dp = world_size // (etp * ep * pp)
     mb = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * dp)
-    return Layout(world_size, tp, pp, cp, ep, etp, p.virtual_pipeline_model_parallel_size, dp, expert_dp, mb)
+    return Layout(
+        world_size, tp, pp, cp, ep, etp, p.virtual_pipeline_model_parallel_size, dp, expert_dp, mb
+    )
 
 
 def _check_layout(cfg: Any, world_size: int, errors: list[str]) -> None:
@@ -94,7 +100,11 @@ def _check_layout(cfg: Any, world_size: int, errors: list[str]) -> None:
     if bad:
         errors.append(f"parallel sizes must be >= 1: {', '.join(bad)}.")
         return
-    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    tp, pp, cp = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+    )
     ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
 
     model_par = tp * pp * cp
@@ -390,14 +400,13 @@ def estimate_state_bytes(cfg: Any, world_size: int) -> int:
     opt = 8 + (0 if param_bytes == 4 else 4)
     dense_opt_shard = layout.dp * layout.cp if cfg.parallel.use_distributed_optimizer else 1
     expert_opt_shard = layout.expert_dp if cfg.parallel.use_distributed_optimizer else 1
-    total = (
-        local_dense * (per_param + opt / dense_opt_shard)
-        + local_experts * (per_param + opt / expert_opt_shard)
+    total = local_dense * (per_param + opt / dense_opt_shard) + local_experts * (
+        per_param + opt / expert_opt_shard
     )
     return int(total)
 
 
-def validate(cfg: Any, world_size: int, hardware: Optional[Hardware] = None) -> Layout:
+def validate(cfg: Any, world_size: int, hardware: Hardware | None = None) -> Layout:
     """Check a composed job config for a run on ``world_size`` processes.
 
     Args:

@@ -78,8 +78,12 @@ def _run_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=Fa
     from torch.autograd.graph import _engine_run_backward
 
     tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
-    inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
-    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)), is_grads_batched=False)
+    inputs = (
+        () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+    )
+    grads = _make_grads(
+        tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)), is_grads_batched=False
+    )
     _engine_run_backward(
         tensors,
         grads,
@@ -105,7 +109,7 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.backward:
             tensor, *rest = args
             names = ("gradient", "retain_graph", "create_graph", "inputs")
-            bound = dict(zip(names, rest)) | kwargs
+            bound = dict(zip(names, rest, strict=False)) | kwargs
             with self:
                 return _run_backward(
                     tensor,
@@ -270,7 +274,7 @@ def _patch_distributed() -> None:
         padded_in[: tensor.shape[0]] = tensor
         padded_out = [torch.empty_like(padded_in) for _ in tensor_list]
         original_all_gather(padded_out, padded_in, group=group)
-        for dst, src in zip(tensor_list, padded_out):
+        for dst, src in zip(tensor_list, padded_out, strict=True):
             dst.copy_(src[: dst.shape[0]])
         return None
 
@@ -296,6 +300,23 @@ class _DropCpuRngWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+def _require_triton_for_new_megatron() -> None:
+    """megatron-core >= 0.17 imports triton at module level, even for CPU-only code paths."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        version = importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        return
+    major, minor = (int(x) for x in version.split(".")[:2])
+    if (major, minor) >= (0, 17) and importlib.util.find_spec("triton") is None:
+        raise RuntimeError(
+            f"megatron-core {version} imports triton, which is not installed. Install it "
+            "(pip install triton; it imports without a GPU) or use megatron-core 0.16.1."
+        )
+
+
 def is_installed() -> bool:
     """Whether the CPU runtime is active in this process."""
     return _installed
@@ -307,6 +328,7 @@ def install() -> None:
     with _lock:
         if _installed:
             return
+        _require_triton_for_new_megatron()
         _patch_torch_cuda()
         _patch_distributed()
         _patch_megatron_missing_te_names()

@@ -68,9 +68,7 @@ def init_distributed(cfg: Any) -> DistInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world
-        )
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world)
 
     from megatron.core import parallel_state
 

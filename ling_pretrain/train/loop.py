@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -34,7 +34,7 @@ def _write_config(cfg: Any, output_dir: str) -> None:
     os.replace(tmp, path)
 
 
-def _evaluate(parts: TrainParts) -> Optional[float]:
+def _evaluate(parts: TrainParts) -> float | None:
     from megatron.core import parallel_state as ps
 
     if parts.valid_dataset is None:
@@ -42,7 +42,13 @@ def _evaluate(parts: TrainParts) -> Optional[float]:
     t = parts.cfg.trainer
     # Every evaluation reads the same validation samples, so values are comparable over time.
     iters = [
-        make_loader(parts.valid_dataset, 0, parts.cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        make_loader(
+            parts.valid_dataset,
+            0,
+            parts.cfg,
+            ps.get_data_parallel_rank(),
+            ps.get_data_parallel_world_size(),
+        )
         for _ in parts.model
     ]
     loss, _ = eval_step(parts, iters, t.eval_iters)
@@ -56,7 +62,9 @@ def run_training(parts: TrainParts, writer: metrics.MetricsWriter, save_dir: str
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     record: dict = {}
     if state.step >= t.max_steps:
-        logger.info("already at step %d >= trainer.max_steps=%d: nothing to do", state.step, t.max_steps)
+        logger.info(
+            "already at step %d >= trainer.max_steps=%d: nothing to do", state.step, t.max_steps
+        )
         return record
     window_start, window_steps = time.perf_counter(), 0
     while state.step < t.max_steps:
@@ -90,10 +98,14 @@ def run_training(parts: TrainParts, writer: metrics.MetricsWriter, save_dir: str
             writer.log(record)
             window_start, window_steps = time.perf_counter(), 0
         if ck.save_interval > 0 and state.step % ck.save_interval == 0 and state.step < t.max_steps:
-            save_checkpoint(save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last)
+            save_checkpoint(
+                save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last
+            )
             window_start = time.perf_counter()
     if ck.save_at_end:
-        save_checkpoint(save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last)
+        save_checkpoint(
+            save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last
+        )
     return record
 
 
@@ -112,8 +124,16 @@ def train(cfg: Any) -> dict:
             logger.info(
                 "%s on %d process(es): TP=%d PP=%d EP=%d CP=%d DP=%d VPP=%s, %d micro-batch(es) "
                 "per step, device %s",
-                cfg.model.name, layout.world_size, layout.tp, layout.pp, layout.ep, layout.cp,
-                layout.dp, layout.vpp, layout.num_microbatches, info.device.type,
+                cfg.model.name,
+                layout.world_size,
+                layout.tp,
+                layout.pp,
+                layout.ep,
+                layout.cp,
+                layout.dp,
+                layout.vpp,
+                layout.num_microbatches,
+                info.device.type,
             )
         parts = setup(cfg, layout, info.device, save_dir)
         if cfg.checkpoint.seed_checkpoint:

@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ def _from_reporter(value: torch.Tensor | float, is_reporter: bool, device: torch
     return float(t[0] / t[1]) if t[1] > 0 else float("nan")
 
 
-def mtp_loss(num_microbatches: int, device: torch.device) -> Optional[float]:
+def mtp_loss(num_microbatches: int, device: torch.device) -> float | None:
     """Mean MTP loss of the last step (all MTP layers summed), then clear megatron's tracker.
 
     Collective over the world; None when the model has no MTP layer.
@@ -35,19 +35,24 @@ def mtp_loss(num_microbatches: int, device: torch.device) -> Optional[float]:
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-    tracker = MTPLossLoggingHelper.tracker
-    has = "values" in tracker
+    helper = MTPLossLoggingHelper
+    tracker = helper.tracker
+    # megatron-core 0.16 keeps "values"; 0.17+ renamed it "loss_values" (and the methods).
+    key = "loss_values" if "loss_values" in tracker else "values"
+    has = key in tracker
     value = 0.0
     if has:
-        MTPLossLoggingHelper.reduce_loss_in_tracker()
-        value = float(tracker["values"].sum()) / num_microbatches
-        MTPLossLoggingHelper.clean_loss_in_tracker()
+        reduce = getattr(helper, "reduce_metrics_in_tracker", None) or helper.reduce_loss_in_tracker
+        clean = getattr(helper, "clean_metrics_in_tracker", None) or helper.clean_loss_in_tracker
+        reduce()
+        value = float(tracker[key].sum()) / num_microbatches
+        clean()
     reporter = has and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     result = _from_reporter(value, reporter, device)
     return None if math.isnan(result) else result
 
 
-def z_loss(num_microbatches: int, device: torch.device) -> Optional[float]:
+def z_loss(num_microbatches: int, device: torch.device) -> float | None:
     """Mean router z-loss per MoE layer of the last step, then clear megatron's tracker."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_utils import (

@@ -8,7 +8,8 @@ before. The statistic is DeepSeek-V3's MaxVio: ``max_e(c_e) / mean(c) - 1`` per 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,10 +32,15 @@ def expert_load_max_violation(model: list, device: torch.device) -> float | None
     stats = torch.zeros(2, dtype=torch.float64, device=device)
     if routers:
         counts = torch.stack([r.local_tokens_per_expert.detach().float() for r in routers])
-        dist.all_reduce(counts, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
+        dist.all_reduce(
+            counts, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        )
         mean = counts.mean(dim=1).clamp_min(1e-9)
         violation = counts.max(dim=1).values / mean - 1.0
-        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0:
+        if (
+            ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_data_parallel_rank(with_context_parallel=True) == 0
+        ):
             stats[0] = violation.sum()
             stats[1] = len(routers)
     dist.all_reduce(stats)

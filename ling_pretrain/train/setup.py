@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,7 @@ class TrainParts:
     scheduler: Any
     state: TrainState
     train_iters: list
-    valid_dataset: Optional[Any]
+    valid_dataset: Any | None
     step_stats: dict = field(default_factory=dict)
     """Per-step statistics filled during the step (expert load)."""
 

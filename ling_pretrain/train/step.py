@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,8 +68,7 @@ def reduce_lm_loss(losses: list[dict], device: torch.device) -> tuple[float, int
 
     total = torch.zeros(2, dtype=torch.float64, device=device)
     is_reporter = (
-        ps.is_pipeline_last_stage(ignore_virtual=True)
-        and ps.get_tensor_model_parallel_rank() == 0
+        ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     )
     if is_reporter:
         for item in losses:

@@ -34,8 +34,13 @@ def _run(tmp_path, seed_checkpoint, name, extra, nproc):
     out = tmp_path / name
     run_pretrain(
         out,
-        [*TINY, f"trainer.max_steps={STEPS}", f"checkpoint.init_from={seed_checkpoint}",
-         "checkpoint.save_at_end=false", *extra],
+        [
+            *TINY,
+            f"trainer.max_steps={STEPS}",
+            f"checkpoint.init_from={seed_checkpoint}",
+            "checkpoint.save_at_end=false",
+            *extra,
+        ],
         nproc=nproc,
     )
     return read_metrics(out)
@@ -59,7 +64,9 @@ def layout_runs(tmp_path_factory, seed_checkpoint):
 
     def get(name: str) -> list[dict]:
         if name not in cache:
-            cache[name] = _run(tmp_path_factory.mktemp(name), seed_checkpoint, name, LAYOUTS[name], 2)
+            cache[name] = _run(
+                tmp_path_factory.mktemp(name), seed_checkpoint, name, LAYOUTS[name], 2
+            )
         return cache[name]
 
     return get

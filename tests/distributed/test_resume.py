@@ -14,8 +14,13 @@ KEYS = ("loss", "mtp_loss", "grad_norm", "lr", "expert_load_max_violation")
 
 
 def test_resume_equals_uninterrupted(tmp_path, seed_checkpoint):
-    common = [*TINY, f"checkpoint.init_from={seed_checkpoint}", "optimizer.lr_decay_style=cosine",
-              "optimizer.min_lr=1e-4", "optimizer.lr_warmup_steps=2"]
+    common = [
+        *TINY,
+        f"checkpoint.init_from={seed_checkpoint}",
+        "optimizer.lr_decay_style=cosine",
+        "optimizer.min_lr=1e-4",
+        "optimizer.lr_warmup_steps=2",
+    ]
     straight = tmp_path / "straight"
     run_pretrain(straight, [*common, "trainer.max_steps=6", "optimizer.lr_decay_steps=6"], nproc=2)
 
@@ -29,7 +34,7 @@ def test_resume_equals_uninterrupted(tmp_path, seed_checkpoint):
 
     a, b = read_metrics(straight), read_metrics(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6], "metrics.jsonl must continue, not repeat"
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in KEYS:
             assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["step"], key)
 

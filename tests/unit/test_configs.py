@@ -17,18 +17,37 @@ CPU = Hardware("cpu", 24 * GIB, has_transformer_engine=False)
 # Preset -> (world size, overrides, hardware) of a layout it is meant to run with.
 MODEL_LAYOUTS = {
     "ling_tiny": (2, ["data=mock"], CPU),
-    "ling_mini": (8, ["parallel.expert_model_parallel_size=8", "trainer.params_dtype=bf16", "trainer.micro_batch_size=1"], H100),
+    "ling_mini": (
+        8,
+        [
+            "parallel.expert_model_parallel_size=8",
+            "trainer.params_dtype=bf16",
+            "trainer.micro_batch_size=1",
+        ],
+        H100,
+    ),
     "ling_flash": (
         64,
-        ["parallel.expert_model_parallel_size=64", "parallel.pipeline_model_parallel_size=1",
-         "trainer.params_dtype=bf16", "trainer.global_batch_size=64", "trainer.micro_batch_size=1"],
+        [
+            "parallel.expert_model_parallel_size=64",
+            "parallel.pipeline_model_parallel_size=1",
+            "trainer.params_dtype=bf16",
+            "trainer.global_batch_size=64",
+            "trainer.micro_batch_size=1",
+        ],
         H100,
     ),
     "ling_1t": (
         512,
-        ["parallel.expert_model_parallel_size=64", "parallel.pipeline_model_parallel_size=8",
-         "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
-         "trainer.params_dtype=bf16", "trainer.global_batch_size=512", "trainer.micro_batch_size=1"],
+        [
+            "parallel.expert_model_parallel_size=64",
+            "parallel.pipeline_model_parallel_size=8",
+            "parallel.tensor_model_parallel_size=2",
+            "parallel.sequence_parallel=true",
+            "trainer.params_dtype=bf16",
+            "trainer.global_batch_size=512",
+            "trainer.micro_batch_size=1",
+        ],
         H100,
     ),
 }
@@ -76,8 +95,12 @@ def test_a_forced_typo_is_refused_by_validation_with_a_suggestion():
     cfg = compose(["+model=ling_tiny", "data=mock", "+model.hiden_size=3", "+trainer.max_step=3"])
     with pytest.raises(ConfigError) as info:
         validate(cfg, 1, CPU)
-    assert "model.hiden_size is not a configuration field (did you mean model.hidden_size?)" in str(info.value)
-    assert "trainer.max_step is not a configuration field (did you mean trainer.max_steps?)" in str(info.value)
+    assert "model.hiden_size is not a configuration field (did you mean model.hidden_size?)" in str(
+        info.value
+    )
+    assert "trainer.max_step is not a configuration field (did you mean trainer.max_steps?)" in str(
+        info.value
+    )
 
 
 def test_a_wrong_type_fails_at_compose_time():
@@ -94,7 +117,11 @@ def test_model_is_required():
 def test_presets_carry_the_published_architecture():
     mini = compose(["+model=ling_mini"]).model
     assert (mini.num_layers, mini.hidden_size, mini.num_moe_experts) == (20, 2048, 256)
-    assert (mini.moe_router_topk, mini.moe_router_num_groups, mini.moe_router_group_topk) == (8, 8, 4)
+    assert (mini.moe_router_topk, mini.moe_router_num_groups, mini.moe_router_group_topk) == (
+        8,
+        8,
+        4,
+    )
     assert mini.vocab_size == 157184 and mini.rotary_percent == 0.5
     assert mini.moe_router_topk_scaling_factor == 2.5 and mini.mtp_num_layers == 1
     one_t = compose(["+model=ling_1t"]).model

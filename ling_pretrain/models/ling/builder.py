@@ -13,12 +13,12 @@ their positional parameters differ between megatron-core releases.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from ling_pretrain.models.ling.mcore_config import build_transformer_config, uses_transformer_engine
 
 
-def _swap_modules(spec: Any, old: tuple, new: type, seen: Optional[set] = None) -> Any:
+def _swap_modules(spec: Any, old: tuple, new: type, seen: set | None = None) -> Any:
     """Replace every module class in ``old`` by ``new`` inside a megatron spec tree, in place."""
     import dataclasses
 
@@ -64,7 +64,7 @@ def _local_norm_classes() -> tuple:
     return tuple(classes)
 
 
-def build_layer_specs(config: Any, use_te: bool, vp_stage: Optional[int] = None):
+def build_layer_specs(config: Any, use_te: bool, vp_stage: int | None = None):
     """Decoder block spec and MTP block spec (None when this stage has no MTP layer).
 
     On the local path every norm is :class:`~ling_pretrain.models.ling.norm.RMSNorm`.
@@ -96,7 +96,7 @@ def build_layer_specs(config: Any, use_te: bool, vp_stage: Optional[int] = None)
     return block_spec, mtp_spec
 
 
-def build_model_chunk(cfg: Any, config: Any, vp_stage: Optional[int] = None):
+def build_model_chunk(cfg: Any, config: Any, vp_stage: int | None = None):
     """One pipeline model chunk (all of the model when PP = VPP = 1)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
