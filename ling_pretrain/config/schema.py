@@ -140,9 +140,9 @@ class OptimizerConfig:
 
     optimizer: str = "adam"
     """Optimizer: ``adam`` (decoupled weight decay, i.e. AdamW)."""
-    lr: float = 3e-5
+    lr: float = 1e-3
     """Peak learning rate."""
-    min_lr: float = 3e-6
+    min_lr: float = 1e-4
     """Learning rate at the end of the decay."""
     weight_decay: float = 0.1
     """Decoupled weight decay (not applied to norms, biases or the expert bias)."""

@@ -87,26 +87,16 @@ def derive_layout(cfg: Any, world_size: int) -> Layout:
     )
 
 
-def _check_layout(cfg: Any, world_size: int, errors: list[str]) -> None:
-    p, m, t = cfg.parallel, cfg.model, cfg.trainer
-    sizes = {
-        "parallel.tensor_model_parallel_size": p.tensor_model_parallel_size,
-        "parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size,
-        "parallel.context_parallel_size": p.context_parallel_size,
-        "parallel.expert_model_parallel_size": p.expert_model_parallel_size,
-        "parallel.expert_tensor_parallel_size": p.expert_tensor_parallel_size,
-    }
-    bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
-    if bad:
-        errors.append(f"parallel sizes must be >= 1: {', '.join(bad)}.")
-        return
+def _check_world_size(cfg: Any, world_size: int, errors: list[str]) -> None:
+    """Checks that depend on the number of processes (data-parallel size, batch split)."""
+    p, t = cfg.parallel, cfg.trainer
     tp, pp, cp = (
         p.tensor_model_parallel_size,
         p.pipeline_model_parallel_size,
         p.context_parallel_size,
     )
     ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
-
+    vpp = p.virtual_pipeline_model_parallel_size
     model_par = tp * pp * cp
     if world_size % model_par:
         errors.append(
@@ -128,6 +118,42 @@ def _check_layout(cfg: Any, world_size: int, errors: list[str]) -> None:
             f"expert_model_parallel_size x expert_tensor_parallel_size = {ep * etp} must divide "
             f"TP x CP x DP = {tp * cp * dp}, the ranks of one pipeline stage."
         )
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        errors.append("trainer.micro_batch_size and trainer.global_batch_size must be >= 1.")
+    elif t.global_batch_size % (t.micro_batch_size * dp):
+        errors.append(
+            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}; "
+            f"use a multiple of {t.micro_batch_size * dp}."
+        )
+    elif vpp and (t.global_batch_size // (t.micro_batch_size * dp)) % pp:
+        errors.append(
+            "the interleaved (VPP) schedule needs the number of micro-batches "
+            f"({t.global_batch_size // (t.micro_batch_size * dp)}) to be a multiple of "
+            f"pipeline_model_parallel_size={pp}; raise trainer.global_batch_size."
+        )
+
+
+def _check_layout(cfg: Any, world_size: int, errors: list[str]) -> None:
+    p, m = cfg.parallel, cfg.model
+    sizes = {
+        "parallel.tensor_model_parallel_size": p.tensor_model_parallel_size,
+        "parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+        "parallel.context_parallel_size": p.context_parallel_size,
+        "parallel.expert_model_parallel_size": p.expert_model_parallel_size,
+        "parallel.expert_tensor_parallel_size": p.expert_tensor_parallel_size,
+    }
+    bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+    if bad:
+        errors.append(f"parallel sizes must be >= 1: {', '.join(bad)}.")
+        return
+    tp, pp, cp = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+    )
+    ep = p.expert_model_parallel_size
+
     if m.num_attention_heads % tp:
         errors.append(
             f"tensor_model_parallel_size={tp} does not divide model.num_attention_heads="
@@ -169,20 +195,7 @@ def _check_layout(cfg: Any, world_size: int, errors: list[str]) -> None:
     elif vpp and (m.num_layers // stages) < 1:
         errors.append(f"VPP={vpp} leaves a model chunk without layers.")
 
-    if t.micro_batch_size < 1 or t.global_batch_size < 1:
-        errors.append("trainer.micro_batch_size and trainer.global_batch_size must be >= 1.")
-    elif t.global_batch_size % (t.micro_batch_size * dp):
-        errors.append(
-            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
-            f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}; "
-            f"use a multiple of {t.micro_batch_size * dp}."
-        )
-    elif vpp and (t.global_batch_size // (t.micro_batch_size * dp)) % pp:
-        errors.append(
-            "the interleaved (VPP) schedule needs the number of micro-batches "
-            f"({t.global_batch_size // (t.micro_batch_size * dp)}) to be a multiple of "
-            f"pipeline_model_parallel_size={pp}; raise trainer.global_batch_size."
-        )
+    _check_world_size(cfg, world_size, errors)
 
     seq = cfg.data.seq_length
     if p.sequence_parallel and seq % (tp * cp):
