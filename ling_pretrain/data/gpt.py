@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -85,7 +86,7 @@ class ResolvedData:
 
     source: str
     prefixes: list[str]
-    weights: Optional[list[float]]
+    weights: list[float] | None
     eod_token_id: int
 
 
@@ -157,7 +158,9 @@ class StepSampler(torch.utils.data.Sampler):
     stream is the same for every layout with the same global batch size.
     """
 
-    def __init__(self, total: int, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+    def __init__(
+        self, total: int, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int
+    ):
         self.total, self.consumed = total, consumed
         self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
 
