@@ -52,3 +52,25 @@ def test_readme_demo_trains_with_falling_loss(tmp_path, monkeypatch):
     assert (out / "config.yaml").is_file()
     assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000060"
     assert (out / "checkpoints" / "iter_0000060" / "metadata.json").is_file()
+
+
+def test_model_info_prints_published_counts():
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, subprocess_env
+
+    out = subprocess.run(
+        [sys.executable, "launch/model_info.py", "+model=ling_mini"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    info = json.loads(out)
+    assert info["model"] == "ling_mini"
+    assert round(info["total_params"] / 1e9, 2) == 16.26
+    assert round(info["active_params"] / 1e9, 2) == 1.43
+    assert info["mtp_params"] > 0

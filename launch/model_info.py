@@ -1,0 +1,26 @@
+"""Print a Ling 2.0 configuration's parameter counts as JSON.
+
+    python launch/model_info.py +model=ling_mini
+    python launch/model_info.py +model=ling_tiny model.num_layers=8
+
+``total_params`` and ``active_params`` exclude the MTP layers, as the published figures do;
+``mtp_params`` / ``mtp_active_params`` report them separately.
+"""
+
+import json
+import sys
+
+from ling_pretrain.config import compose
+from ling_pretrain.models.ling.params import count_parameters
+
+
+def main(argv: list[str]) -> None:
+    if not any(a.startswith(("+model=", "model=")) for a in argv):
+        raise SystemExit("choose a model preset, e.g. python launch/model_info.py +model=ling_mini")
+    cfg = compose(argv)
+    counts = count_parameters(cfg.model).as_dict()
+    print(json.dumps({"model": cfg.model.name, **counts}, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
