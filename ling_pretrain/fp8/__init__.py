@@ -5,24 +5,34 @@ power-of-2 scales, E4M3/E5M2) and its error bound; ``emulation`` builds an FP8 l
 layer from it whose forward, dgrad and wgrad GEMMs see the operands TE's kernels would.
 """
 
-from ling_pretrain.fp8.emulation import (
-    FP8EmulatedLinear,
-    FP8EmulationSpec,
-    FP8EmulationStats,
-    emulated_linear,
-    fp8_emulation_stats,
-    fp8_emulation_totals,
-)
-from ling_pretrain.fp8.quantize import (
-    FP8Format,
-    dequantize_blockwise,
-    fake_quantize,
-    get_fp8_format,
-    quantization_error_bound,
-    quantize_blockwise,
-    raise_if_nonfinite,
-    transpose_blockwise,
-)
+import importlib
+from typing import Any
+
+# Exports resolve on first use, so importing a light submodule (``memory``) does not pay
+# for torch.
+_EXPORTS = {
+    "FP8EmulatedLinear": "emulation",
+    "FP8EmulationSpec": "emulation",
+    "FP8EmulationStats": "emulation",
+    "emulated_linear": "emulation",
+    "fp8_emulation_stats": "emulation",
+    "fp8_emulation_totals": "emulation",
+    "FP8Format": "quantize",
+    "dequantize_blockwise": "quantize",
+    "fake_quantize": "quantize",
+    "get_fp8_format": "quantize",
+    "quantization_error_bound": "quantize",
+    "quantize_blockwise": "quantize",
+    "raise_if_nonfinite": "quantize",
+    "transpose_blockwise": "quantize",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FP8EmulatedLinear",
