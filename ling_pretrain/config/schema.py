@@ -132,6 +132,9 @@ class FP8Config:
     runs in FP8."""
     moe_router_padding_for_quantization: bool = False
     """Pad each expert's token count to the FP8 GEMM alignment with zero-probability tokens."""
+    on_demand_transpose: bool = False
+    """Keep only the row-wise FP8 copy of each weight and build the transposed copy inside the
+    backward GEMM (Ling's TE change); lossless with 128x128 blocks."""
 
 
 @dataclass(kw_only=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 FP8_RECIPES = ("bf16", "blockwise", "blockwise_fp8_params", "tensorwise", "mxfp8")
+FP8_EMULATION_AVAILABLE = False
 PARAMS_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DISPATCHERS = ("alltoall", "allgather", "flex")
 DATA_SOURCES = ("indexed", "mock", "builtin")
@@ -359,6 +360,11 @@ def _check_hardware(cfg: Any, world_size: int, hw: Hardware, errors: list[str]) 
         )
     if f.recipe not in FP8_RECIPES:
         errors.append(f"fp8.recipe={f.recipe!r} is not one of {', '.join(FP8_RECIPES)}.")
+    elif f.emulate and f.recipe != "bf16" and not FP8_EMULATION_AVAILABLE:
+        errors.append(
+            "fp8.emulate=true: FP8 emulation is not wired into training yet, and training "
+            "without it would silently run in high precision. Use fp8=bf16."
+        )
     elif f.recipe != "bf16" and not f.emulate:
         if not on_gpu:
             errors.append(

@@ -53,6 +53,16 @@ MODEL_LAYOUTS = {
 }
 
 
+B200 = Hardware("cuda", 180 * GIB, has_transformer_engine=True, compute_capability=(10, 0))
+# Presets meant for GPUs validate against the hardware they target.
+TARGET_HARDWARE = {
+    ("fp8", "blockwise"): H100,
+    ("fp8", "blockwise_fp8_params"): H100,
+    ("fp8", "tensorwise"): H100,
+    ("fp8", "mxfp8"): B200,
+}
+
+
 def _yaml_names(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
@@ -81,7 +91,7 @@ def test_group_yamls_compose_and_validate(group, name):
     if group == "data" and name == "indexed":
         pytest.skip("needs real .bin/.idx files: covered by the data tests")
     cfg = compose(overrides)
-    validate(cfg, 1, CPU)
+    validate(cfg, 1, TARGET_HARDWARE.get((group, name), CPU))
 
 
 def test_a_typo_fails_at_compose_time_naming_the_key():

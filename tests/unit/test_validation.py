@@ -181,3 +181,13 @@ def test_state_estimate_matches_hand_computation():
     # bf16 weight (2) + fp32 grad (4), plus fp32 master + 2 moments (12) sharded over DP.
     expected = dense * (6 + 12 / 8) + experts / 8 * (6 + 12 / 1)
     assert estimate_state_bytes(cfg, 8) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fp8_emulation_is_refused_until_wired_rather_than_silently_skipped():
+    from ling_pretrain.config import validate as v
+
+    if v.FP8_EMULATION_AVAILABLE:
+        pytest.skip("emulation is wired; covered by tests/fp8")
+    cfg = compose(["+model=ling_tiny", "data=mock", "fp8=blockwise", "fp8.emulate=true"])
+    with pytest.raises(ConfigError, match="would silently run in high precision"):
+        validate(cfg, 1, CPU)
