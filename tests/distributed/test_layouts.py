@@ -87,22 +87,17 @@ def test_layout_matches_single_process(layout_runs, reference, name):
     assert losses[-1] < losses[0] - 0.02, losses
 
 
-_TP_SP_GAP = (
-    "MTP gradients under TP2 + sequence parallelism differ from one process by ~1.6e-4 "
-    "relative (forward and LM-loss gradients agree); under investigation"
-)
-GRAD_NORM_KNOWN_GAPS = {"tp2_sp": _TP_SP_GAP, "tp2_sp_etp2": _TP_SP_GAP}
+# Tensor parallelism changes fp32 summation order (sequence-parallel reduce-scatters, the
+# vocab-parallel cross entropy): gradient norms then agree to ~2e-5, not to rounding. The
+# bound still catches real errors: experts replicated across TP ranks whose gradients were
+# never summed (megatron-core only routes expert gradients to the expert-data-parallel
+# reduction when EP > 1) moved the norm by 1.6e-4.
+GRAD_NORM_RTOL = {"tp2_sp": 1e-4, "tp2_sp_etp2": 1e-4}
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(reason=GRAD_NORM_KNOWN_GAPS[n], strict=True))
-        if n in GRAD_NORM_KNOWN_GAPS
-        else n
-        for n in LAYOUTS
-    ],
-)
+@pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_gradients_match_single_process(layout_runs, reference, name):
     records = layout_runs(name)
-    assert records[0]["grad_norm"] == pytest.approx(reference[0]["grad_norm"], rel=2e-5)
+    rtol = GRAD_NORM_RTOL.get(name, 2e-5)
+    for ref, rec in zip(reference, records, strict=True):
+        assert rec["grad_norm"] == pytest.approx(ref["grad_norm"], rel=rtol), rec["step"]

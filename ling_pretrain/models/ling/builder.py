@@ -137,7 +137,27 @@ def build_model(cfg: Any) -> list:
             chunk.cuda(torch.cuda.current_device())
     for chunk in chunks:
         _keep_expert_bias_fp32(chunk)
+        _reduce_replicated_experts_over_expert_dp(chunk, config)
     return chunks
+
+
+def _reduce_replicated_experts_over_expert_dp(chunk: Any, config: Any) -> None:
+    """Sum routed-expert gradients over every rank that holds a copy of the expert.
+
+    megatron-core sends expert gradients to the expert-data-parallel reduction only when
+    ``expert_model_parallel_size > 1``; otherwise they join the dense gradients, reduced over
+    the data-parallel group. With TP > 1 and ETP < TP the experts are replicated across
+    tensor-parallel ranks that each route different tokens (sequence parallelism), and the
+    data-parallel group does not contain those ranks, so each kept only its own tokens'
+    share of the expert gradient. The expert-data-parallel group does contain them.
+    """
+    if config.expert_model_parallel_size > 1:
+        return  # megatron marks them itself
+    if config.tensor_model_parallel_size == (config.expert_tensor_parallel_size or 1):
+        return  # no replication across TP: the data-parallel reduction is the right one
+    for name, param in chunk.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
 
 
 def _keep_expert_bias_fp32(chunk: Any) -> None:
