@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 FP8_RECIPES = ("bf16", "blockwise", "blockwise_fp8_params", "tensorwise", "mxfp8")
-FP8_EMULATION_AVAILABLE = False
 PARAMS_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DISPATCHERS = ("alltoall", "allgather", "flex")
 DATA_SOURCES = ("indexed", "mock", "builtin")
@@ -360,11 +359,7 @@ def _check_hardware(cfg: Any, world_size: int, hw: Hardware, errors: list[str]) 
         )
     if f.recipe not in FP8_RECIPES:
         errors.append(f"fp8.recipe={f.recipe!r} is not one of {', '.join(FP8_RECIPES)}.")
-    elif f.emulate and f.recipe != "bf16" and not FP8_EMULATION_AVAILABLE:
-        errors.append(
-            "fp8.emulate=true: FP8 emulation is not wired into training yet, and training "
-            "without it would silently run in high precision. Use fp8=bf16."
-        )
+
     elif f.recipe != "bf16" and not f.emulate:
         if not on_gpu:
             errors.append(
@@ -397,6 +392,27 @@ def _check_hardware(cfg: Any, world_size: int, hw: Hardware, errors: list[str]) 
                 "with the distributed optimizer) or pick a smaller model (+model=ling_tiny on CPU)."
                 " run.check_memory=false skips this check."
             )
+
+
+def _check_fp8(cfg: Any, errors: list[str]) -> None:
+    """FP8 settings that contradict each other."""
+    f, n = cfg.fp8, cfg.model.num_layers
+    if f.emulate and f.recipe == "bf16":
+        errors.append(
+            "fp8.emulate=true with fp8.recipe=bf16 has no FP8 GEMMs to emulate; choose a recipe "
+            "(e.g. fp8=blockwise fp8.emulate=true) or drop fp8.emulate."
+        )
+    start, end = f.num_layers_at_start_in_bf16, f.num_layers_at_end_in_bf16
+    if start < 0 or end < 0:
+        errors.append(
+            f"fp8.num_layers_at_start_in_bf16={start} and fp8.num_layers_at_end_in_bf16={end} "
+            "must be >= 0."
+        )
+    elif f.first_last_layers_bf16 and start + end > n:
+        errors.append(
+            f"fp8.num_layers_at_start_in_bf16 + num_layers_at_end_in_bf16 = {start + end} "
+            f"exceeds model.num_layers={n}."
+        )
 
 
 def estimate_state_bytes(cfg: Any, world_size: int) -> int:
@@ -446,6 +462,7 @@ def validate(cfg: Any, world_size: int, hardware: Hardware | None = None) -> Lay
     _check_model(cfg, errors)
     _check_layout(cfg, world_size, errors)
     _check_training(cfg, errors)
+    _check_fp8(cfg, errors)
     if not errors:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         _check_hardware(cfg, world_size, hardware or Hardware.detect(local), errors)

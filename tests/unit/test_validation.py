@@ -183,11 +183,16 @@ def test_state_estimate_matches_hand_computation():
     assert estimate_state_bytes(cfg, 8) == pytest.approx(expected, rel=1e-9)
 
 
-def test_fp8_emulation_is_refused_until_wired_rather_than_silently_skipped():
-    from ling_pretrain.config import validate as v
-
-    if v.FP8_EMULATION_AVAILABLE:
-        pytest.skip("emulation is wired; covered by tests/fp8")
-    cfg = compose(["+model=ling_tiny", "data=mock", "fp8=blockwise", "fp8.emulate=true"])
-    with pytest.raises(ConfigError, match="would silently run in high precision"):
+def test_fp8_emulation_needs_a_recipe_and_sane_bf16_layer_counts():
+    with pytest.raises(ConfigError, match="no FP8 GEMMs to emulate"):
+        validate(_tiny("fp8.emulate=true"), 1, CPU)
+    cfg = _tiny(
+        "fp8=blockwise",
+        "fp8.emulate=true",
+        "fp8.first_last_layers_bf16=true",
+        "fp8.num_layers_at_start_in_bf16=3",
+        "fp8.num_layers_at_end_in_bf16=2",
+    )
+    with pytest.raises(ConfigError, match="exceeds model.num_layers=4"):
         validate(cfg, 1, CPU)
+    validate(_tiny("fp8=blockwise", "fp8.emulate=true"), 1, CPU)

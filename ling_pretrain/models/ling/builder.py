@@ -15,7 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ling_pretrain.models.ling.mcore_config import build_transformer_config, uses_transformer_engine
+from ling_pretrain.models.ling.mcore_config import (
+    build_transformer_config,
+    emulates_fp8,
+    uses_transformer_engine,
+)
 
 
 def _swap_modules(spec: Any, old: tuple, new: type, seen: set | None = None) -> Any:
@@ -103,6 +107,12 @@ def build_model_chunk(cfg: Any, config: Any, vp_stage: int | None = None):
 
     use_te = uses_transformer_engine(cfg)
     block_spec, mtp_spec = build_layer_specs(config, use_te, vp_stage)
+    if emulates_fp8(cfg):
+        from ling_pretrain.fp8.megatron_linear import emulated_fp8_layer_specs
+
+        block_spec, mtp_spec = emulated_fp8_layer_specs(
+            block_spec, mtp_spec, config, cfg.fp8, vp_stage=vp_stage
+        )
     m = cfg.model
     return GPTModel(
         config=config,

@@ -24,13 +24,22 @@ FP8_RECIPES: dict[str, tuple[str, str]] = {
 }
 
 
+def emulates_fp8(cfg: Any) -> bool:
+    """Whether the FP8 recipe is emulated (megatron's local layers with emulated GEMMs)."""
+    return bool(cfg.fp8.emulate) and cfg.fp8.recipe != "bf16"
+
+
 def uses_transformer_engine(cfg: Any) -> bool:
-    """Whether the model is built from TransformerEngine layer specs (GPU with TE present)."""
+    """Whether the model is built from TransformerEngine layer specs (GPU with TE present).
+
+    Never under FP8 emulation: the emulated GEMMs replace megatron's local linear layers.
+    """
     import importlib.util
 
     return (
         torch.cuda.is_available()
         and cfg.run.device != "cpu"
+        and not emulates_fp8(cfg)
         and importlib.util.find_spec("transformer_engine") is not None
     )
 
@@ -85,7 +94,10 @@ def transformer_config_kwargs(cfg: Any) -> dict[str, Any]:
         moe_token_dispatcher_type=p.moe_token_dispatcher_type,
         moe_grouped_gemm=on_te,
         moe_permute_fusion=False,
-        moe_router_padding_for_quantization=f.moe_router_padding_for_quantization,
+        # Padding aligns expert token counts for TE's FP8 grouped GEMMs; megatron accepts it
+        # only with TE FP8 on, and emulation runs SequentialMLP experts without it.
+        moe_router_padding_for_quantization=f.moe_router_padding_for_quantization
+        and not emulates_fp8(cfg),
         # Multi-token prediction.
         mtp_num_layers=m.mtp_num_layers or None,
         mtp_loss_scaling_factor=m.mtp_loss_scaling_factor,

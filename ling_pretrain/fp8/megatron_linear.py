@@ -1,0 +1,771 @@
+"""megatron-core's parallel linear layers with emulated FP8 GEMMs.
+
+Why this module exists
+----------------------
+``fp8.emulate=true`` trains with an FP8 recipe's rounding on hardware that has no FP8
+GEMMs (a CPU, a GPU without TransformerEngine). The model is then built from megatron's
+local (pure PyTorch) layer specs, whose linear layers are ``ColumnParallelLinear`` and
+``RowParallelLinear``. Both send their GEMM through one hook, ``_forward_impl``, and wrap
+the tensor-parallel communication around or inside it:
+
+* column-parallel, TP > 1 without sequence parallelism: the forward input is used as is
+  and the input gradient is all-reduced over the TP group (``allreduce_dgrad``);
+* column-parallel with sequence parallelism: the sequence-sharded input is all-gathered
+  along dim 0 before the GEMM and the input gradient is reduce-scattered along dim 0;
+* row-parallel: the GEMM is purely local; the output all-reduce (or reduce-scatter under
+  sequence parallelism) happens in ``RowParallelLinear.forward``, outside the hook;
+* experts under EP/ETP (``explicit_expert_comm``) and ``disable_grad_reduce`` layers:
+  no communication in the hook; the token dispatcher does it.
+
+The subclasses here override only ``_forward_impl``. It performs exactly those
+collectives with megatron's own autograd mappings (``copy_to_tensor_model_parallel_region``
+is the identity forward and all-reduce backward; ``gather_from_sequence_parallel_region``
+is the all-gather forward and reduce-scatter backward), then runs the emulated GEMM on
+the tensor the real GEMM would read. Everything else (weights, initialisation, sharded
+checkpoints, the output reduction) is inherited unchanged, so a checkpoint written with
+emulation loads without it and vice versa. One difference in *how* (not *what*) is
+communicated: megatron's fused function saves the local input and all-gathers it again
+for the weight gradient, while here autograd keeps the gathered input; that costs memory,
+not accuracy.
+
+Which GEMMs are FP8
+-------------------
+Under TransformerEngine's recipes the FP8 GEMMs are the transformer layers' linear layers:
+attention QKV and output projection, the dense MLP's fc1/fc2, every routed expert's and
+the shared expert's fc1/fc2, and the same inside the MTP layer's transformer layer. The
+embedding, the output layer (lm_head), the routers, the norms and the attention core
+(QK^T, softmax, PV) stay in high precision, and so do whole decoder layers named by
+``fp8.first_last_layers_bf16``. megatron-core runs the MTP layer under the global FP8
+context, so its transformer layer is FP8 whatever the first/last-layer setting; Ling
+additionally keeps MTP's ``eh_proj`` in BF16 (``fp8.mtp_projections_bf16``).
+:func:`emulated_fp8_layer_specs` rewrites megatron's spec trees to that effect.
+
+The recipes
+-----------
+* ``blockwise`` and ``blockwise_fp8_params`` (TE ``Float8BlockScaling``): E4M3 for every
+  operand, 1 x 128 tiles for activations and gradients, 128 x 128 weight blocks,
+  power-of-2 scales; each GEMM's operands are tiled along its own reduction dimension.
+  This is :func:`ling_pretrain.fp8.emulation.emulated_linear` as is. Keeping the primary
+  weights in FP8 (``_fp8_params``) changes memory, not the GEMM operands: the FP8 weight
+  is the same 128 x 128-block quantisation of the fp32 master weight.
+* ``tensorwise`` (TE ``Float8CurrentScaling`` with megatron's ``hybrid`` format): one
+  scale per tensor, ``fp8_max / amax`` without power-of-2 rounding, E4M3 for inputs and
+  weights, E5M2 for output gradients. A per-tensor scale survives transposition, so each
+  operand is quantised once and the same values serve all three GEMMs. The tensor is the
+  one the GEMM reads: after the sequence-parallel all-gather (TE quantises before the
+  all-gather but reduces the amax over the TP group, which gives the same scale), and the
+  local shard for a row-parallel input or a column-parallel output gradient.
+* ``mxfp8`` (TE ``MXFP8BlockScaling``): E4M3 for every operand, 1 x 32 tiles along the
+  reduction dimension of every GEMM (so, unlike blockwise, the weight is re-quantised
+  from high precision in 32 x 1 tiles for dgrad), and E8M0 scales: a power of two
+  obtained by rounding ``amax / fp8_max`` *up* to the next power of two. The rounding is
+  done on the fp32 bits of ``amax * fl32(1 / fp8_max)``, following TE's ``float_to_e8m0``
+  case by case, so even ties at exact powers of two resolve as on the GPU; the element
+  rounding is then the same saturating cast as in the other recipes.
+
+Non-finite operands raise ``FloatingPointError`` in every recipe (the package's default
+policy, see ``quantize.py``). Emulated GEMMs are counted by
+:func:`ling_pretrain.fp8.emulation.fp8_emulation_stats` / ``fp8_emulation_totals``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+
+# The package's own GEMM counter; emulated GEMMs of every recipe are counted together.
+from ling_pretrain.fp8.emulation import FP8EmulationSpec, _record, emulated_linear
+from ling_pretrain.fp8.quantize import fake_quantize, get_fp8_format, raise_if_nonfinite
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EMULATED_RECIPES",
+    "BlockwiseEmulation",
+    "EmulatedFP8ColumnParallelLinear",
+    "EmulatedFP8RowParallelLinear",
+    "FP8GemmEmulation",
+    "MXFP8Emulation",
+    "TensorwiseEmulation",
+    "emulated_fp8_layer_specs",
+    "emulated_parallel_linear",
+    "emulation_for_config",
+    "fp8_emulation_spec",
+    "kept_in_bf16",
+    "mx_fake_quantize",
+]
+
+Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class FP8GemmEmulation(Protocol):
+    """An FP8 recipe's linear map ``y = x @ w.T (+ bias)`` with its rounding emulated.
+
+    ``linear`` must be differentiable in ``x``, ``weight`` and ``bias`` and return ``x``'s
+    dtype, like ``torch.nn.functional.linear``.
+    """
+
+    name: str
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Applies the emulated FP8 linear map."""
+        ...
+
+
+@dataclass(frozen=True)
+class BlockwiseEmulation:
+    """TE ``Float8BlockScaling``: :func:`emulated_linear` with ``spec``.
+
+    Attributes:
+        spec: Tiles, formats and scale rules; the recipe's defaults if not given.
+        name: Recipe name, for logs.
+    """
+
+    spec: FP8EmulationSpec = field(default_factory=FP8EmulationSpec)
+    name: str = "blockwise"
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``emulated_linear(x, weight, spec, bias)``."""
+        return emulated_linear(x, weight, self.spec, bias)
+
+
+def _gemm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` in fp32, the same product ``emulated_linear`` uses."""
+    return a.contiguous() @ b.contiguous().t()
+
+
+def _per_tensor_fake_quantize(x2d: torch.Tensor, fmt: str, name: str) -> torch.Tensor:
+    """Current (per-tensor) scaling: one tile covering the whole matrix, exact scales."""
+    if x2d.numel() == 0:
+        return x2d.float()
+    return fake_quantize(
+        x2d.float(), (x2d.shape[0], x2d.shape[1]), fmt, power_of_2_scales=False, name=name
+    )
+
+
+# The E8M0 exponent field of an fp32 number and the rule TE's ``float_to_e8m0`` applies.
+_FP32_MANTISSA_BITS = 23
+_FP32_MANTISSA_MASK = 0x7FFFFF
+_E8M0_MAX_FINITE = 0xFE
+_E8M0_BIAS = 127
+
+
+def mx_fake_quantize(
+    x2d: torch.Tensor, block: int = 32, fmt: str = "e4m3", *, name: str = "tensor"
+) -> torch.Tensor:
+    """MXFP8 quantise-dequantise of a matrix in ``1 x block`` tiles along its last dim.
+
+    Per tile, ``v = amax * fl32(1 / fp8_max)`` is computed in fp32 and its exponent field
+    is rounded up when any mantissa bit is set (not past 254, and not for values at or
+    below 2^-127), giving the biased E8M0 exponent ``e``; elements are multiplied by
+    ``2^(127 - e)`` (by 1 when ``e == 0``), cast to FP8 with saturation and multiplied
+    back by ``2^(e - 127)``. An all-zero tile has ``e == 0`` and stays zero.
+
+    Args:
+        x2d: 2-D floating-point tensor, finite.
+        block: Tile length (32 for MXFP8).
+        fmt: ``"e4m3"`` or ``"e5m2"``.
+        name: What ``x2d`` is, for error messages.
+
+    Returns:
+        fp32 tensor of ``x2d``'s shape: the values the FP8 GEMM reads.
+
+    Raises:
+        ValueError: ``x2d`` is not 2-D or ``block < 1``.
+        FloatingPointError: ``x2d`` holds NaN or Inf.
+    """
+    fp8 = get_fp8_format(fmt)
+    if x2d.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(x2d.shape)}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    raise_if_nonfinite(x2d, name=name)
+    rows, cols = x2d.shape
+    n_tiles = -(-cols // block)
+    tiles = F.pad(x2d.float(), (0, n_tiles * block - cols)).reshape(rows, n_tiles, block)
+    amax = tiles.abs().amax(dim=-1)
+    # TE multiplies by the fp32 reciprocal of fp8_max (a compile-time float constant).
+    rcp = torch.tensor(1.0 / fp8.max, dtype=torch.float32)
+    bits = (amax * rcp).view(torch.int32)
+    exponent = bits >> _FP32_MANTISSA_BITS
+    mantissa = bits & _FP32_MANTISSA_MASK
+    round_up = (
+        (mantissa > 0)
+        & (exponent != _E8M0_MAX_FINITE)
+        & ~((exponent == 0) & (mantissa <= 0x400000))
+    )
+    e = exponent + round_up.to(torch.int32)
+    # 2^(127 - e) built from its fp32 bits, as TE does; e == 0 quantises with scale 1.
+    quant_scale = ((2 * _E8M0_BIAS - e) << _FP32_MANTISSA_BITS).view(torch.float32)
+    quant_scale = torch.where(e == 0, torch.ones_like(quant_scale), quant_scale)
+    q = (tiles * quant_scale[..., None]).clamp(-fp8.max, fp8.max).to(fp8.dtype)
+    dequant_scale = torch.pow(2.0, e.double() - _E8M0_BIAS).float()
+    out = q.float() * dequant_scale[..., None]
+    return out.reshape(rows, n_tiles * block)[:, :cols]
+
+
+class _OperandEmulation(Protocol):
+    """The three GEMMs of a linear layer, as pairs ``(a, b)`` multiplied as ``a @ b.T``."""
+
+    def fprop_operands(
+        self, x2d: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def dgrad_operands(
+        self, dy2d: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def wgrad_operands(
+        self, dy2d: torch.Tensor, x2d: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class _EmulatedGemm(torch.autograd.Function):
+    """``y = x @ w.T (+ bias)`` with each GEMM's operands supplied by a recipe.
+
+    Same conventions as ``emulated_linear``: fp32 products, output and input gradient
+    in ``x``'s dtype, weight gradient in the weight's dtype, bias added in fp32 and not
+    quantised. The high-precision input and weight are saved; backward quantises what
+    each backward GEMM reads from them (deterministic, so a per-tensor scale computed
+    again equals the forward one).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        recipe: _OperandEmulation,
+    ) -> torch.Tensor:
+        in_features = x.shape[-1]
+        if weight.dim() != 2 or weight.shape[1] != in_features:
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} does not fit input of shape "
+                f"{tuple(x.shape)}; expected (out_features, {in_features})"
+            )
+        x2d = x.reshape(-1, in_features)
+        y = _gemm_nt(*recipe.fprop_operands(x2d, weight))
+        if bias is not None:
+            y = y + bias.float()
+        _record("forward")
+        ctx.save_for_backward(x2d, weight)
+        ctx.recipe = recipe
+        ctx.x_shape = x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(
+        ctx: Any, dy: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+        x2d, weight = ctx.saved_tensors
+        recipe: _OperandEmulation = ctx.recipe
+        dy2d = dy.reshape(-1, dy.shape[-1]).float()
+        dx = dw = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = _gemm_nt(*recipe.dgrad_operands(dy2d, weight))
+            dx = dx.to(x2d.dtype).reshape(ctx.x_shape)
+            _record("dgrad")
+        if ctx.needs_input_grad[1]:
+            dw = _gemm_nt(*recipe.wgrad_operands(dy2d, x2d)).to(weight.dtype)
+            _record("wgrad")
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            dbias = dy2d.sum(dim=0).to(ctx.bias_dtype)
+        return dx, dw, dbias, None
+
+
+@dataclass(frozen=True)
+class TensorwiseEmulation:
+    """TE ``Float8CurrentScaling``: one exact (not power-of-2) scale per tensor.
+
+    Attributes:
+        fmt: Format of inputs and weights (E4M3).
+        grad_fmt: Format of output gradients (E5M2 in megatron's ``hybrid``).
+        name: Recipe name, for logs.
+    """
+
+    fmt: str = "e4m3"
+    grad_fmt: str = "e5m2"
+    name: str = "tensorwise"
+
+    def __post_init__(self) -> None:
+        get_fp8_format(self.fmt)
+        get_fp8_format(self.grad_fmt)
+
+    def fprop_operands(
+        self, x2d: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and weight, each with its own per-tensor scale."""
+        return (
+            _per_tensor_fake_quantize(x2d, self.fmt, "input"),
+            _per_tensor_fake_quantize(weight, self.fmt, "weight"),
+        )
+
+    def dgrad_operands(
+        self, dy2d: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output gradient, and the forward's FP8 weight read transposed."""
+        w_q = _per_tensor_fake_quantize(weight, self.fmt, "weight")
+        return _per_tensor_fake_quantize(dy2d, self.grad_fmt, "output gradient"), w_q.t()
+
+    def wgrad_operands(
+        self, dy2d: torch.Tensor, x2d: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same FP8 output gradient and FP8 input as dgrad and forward, transposed."""
+        dy_q = _per_tensor_fake_quantize(dy2d, self.grad_fmt, "output gradient")
+        return dy_q.t(), _per_tensor_fake_quantize(x2d, self.fmt, "input").t()
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Applies the emulated FP8 linear map."""
+        return _EmulatedGemm.apply(x, weight, bias, self)
+
+
+@dataclass(frozen=True)
+class MXFP8Emulation:
+    """TE ``MXFP8BlockScaling``: 1 x 32 tiles along every GEMM's reduction dim, E8M0 scales.
+
+    Attributes:
+        block: Tile length.
+        fmt: Format of every operand (E4M3).
+        name: Recipe name, for logs.
+    """
+
+    block: int = 32
+    fmt: str = "e4m3"
+    name: str = "mxfp8"
+
+    def __post_init__(self) -> None:
+        get_fp8_format(self.fmt)
+        if self.block < 1:
+            raise ValueError(f"block must be >= 1, got {self.block}")
+
+    def fprop_operands(
+        self, x2d: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and weight, both tiled along in-features."""
+        return (
+            mx_fake_quantize(x2d, self.block, self.fmt, name="input"),
+            mx_fake_quantize(weight, self.block, self.fmt, name="weight"),
+        )
+
+    def dgrad_operands(
+        self, dy2d: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output gradient and the weight's column-wise copy, both tiled along out-features."""
+        return (
+            mx_fake_quantize(dy2d, self.block, self.fmt, name="output gradient"),
+            mx_fake_quantize(weight.t(), self.block, self.fmt, name="transposed weight"),
+        )
+
+    def wgrad_operands(
+        self, dy2d: torch.Tensor, x2d: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column-wise copies of output gradient and input, both tiled along tokens."""
+        return (
+            mx_fake_quantize(dy2d.t(), self.block, self.fmt, name="transposed output gradient"),
+            mx_fake_quantize(x2d.t(), self.block, self.fmt, name="transposed input"),
+        )
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Applies the emulated FP8 linear map."""
+        return _EmulatedGemm.apply(x, weight, bias, self)
+
+
+_BLOCKWISE_RECIPES = ("blockwise", "blockwise_fp8_params")
+EMULATED_RECIPES = (*_BLOCKWISE_RECIPES, "tensorwise", "mxfp8")
+"""``fp8.recipe`` values that have FP8 GEMMs to emulate."""
+
+
+def _megatron_formats(recipe: str) -> tuple[str, str]:
+    """(forward, gradient) formats of a recipe, from the same table the TE path uses."""
+    from ling_pretrain.models.ling.mcore_config import FP8_RECIPES
+
+    fmt = FP8_RECIPES[recipe][0]
+    return ("e4m3", "e5m2") if fmt == "hybrid" else (fmt, fmt)
+
+
+def emulation_for_config(fp8_cfg: Any) -> FP8GemmEmulation:
+    """The GEMM emulation of ``fp8_cfg.recipe``.
+
+    Args:
+        fp8_cfg: An ``FP8Config`` (or anything with a ``recipe`` attribute).
+
+    Returns:
+        ``BlockwiseEmulation`` for ``blockwise`` and ``blockwise_fp8_params``,
+        ``TensorwiseEmulation`` (E4M3 forward, E5M2 gradients) for ``tensorwise``,
+        ``MXFP8Emulation`` (1 x 32, E4M3) for ``mxfp8``.
+
+    Raises:
+        ValueError: For ``bf16`` or an unknown recipe; the message lists the valid ones.
+    """
+    recipe = fp8_cfg.recipe
+    if recipe not in EMULATED_RECIPES:
+        raise ValueError(
+            f"fp8.recipe={recipe!r} has no FP8 GEMMs to emulate; emulated recipes: "
+            f"{', '.join(EMULATED_RECIPES)}"
+        )
+    fmt, grad_fmt = _megatron_formats(recipe)
+    if recipe in _BLOCKWISE_RECIPES:
+        spec = FP8EmulationSpec(fmt=fmt, grad_fmt=grad_fmt)
+        return BlockwiseEmulation(spec=spec, name=recipe)
+    if recipe == "tensorwise":
+        return TensorwiseEmulation(fmt=fmt, grad_fmt=grad_fmt)
+    return MXFP8Emulation(block=32, fmt=fmt)
+
+
+def fp8_emulation_spec(fp8_cfg: Any) -> FP8EmulationSpec:
+    """The :class:`FP8EmulationSpec` of a blockwise ``fp8_cfg.recipe``.
+
+    ``FP8EmulationSpec`` describes 1 x K activation tiles and square weight blocks with
+    fp32 scales, which is the blockwise recipe; per-tensor scales (``tensorwise``) and
+    E8M0 scales with re-quantised column-wise weights (``mxfp8``) do not fit it, and are
+    emulated by :func:`emulation_for_config` instead.
+
+    Args:
+        fp8_cfg: An ``FP8Config``.
+
+    Returns:
+        E4M3 everywhere, 1 x 128 activations/gradients, 128 x 128 weights, power-of-2
+        scales.
+
+    Raises:
+        ValueError: For a recipe that is not blockwise.
+    """
+    emulation = emulation_for_config(fp8_cfg)
+    if not isinstance(emulation, BlockwiseEmulation):
+        raise ValueError(
+            f"fp8.recipe={fp8_cfg.recipe!r} is not expressible as an FP8EmulationSpec "
+            f"(only {', '.join(_BLOCKWISE_RECIPES)} are); use emulation_for_config()"
+        )
+    return emulation.spec
+
+
+def emulated_parallel_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gradient_accumulation_fusion: bool = False,
+    allreduce_dgrad: bool = False,
+    sequence_parallel: bool = False,
+    grad_output_buffer: list[torch.Tensor] | None = None,
+    wgrad_deferral_limit: int | None = 0,
+    async_grad_allreduce: bool | None = None,
+    tp_group: torch.distributed.ProcessGroup | None = None,
+    *,
+    gemm: Gemm,
+) -> torch.Tensor:
+    """megatron's ``linear_with_grad_accumulation_and_async_allreduce`` with ``gemm``.
+
+    Same arguments and communication as megatron's function (see the module docstring):
+    the all-gather / reduce-scatter of sequence parallelism and the all-reduce of the
+    input gradient are megatron's autograd mappings around ``gemm``, which computes the
+    local ``input @ weight.T (+ bias)`` and its gradients.
+
+    Args:
+        input: ``(s, b, in)`` (the local sequence shard under sequence parallelism).
+        weight: ``(out_local, in_local)``.
+        bias: Optional bias, added by ``gemm``.
+        gradient_accumulation_fusion: Must be False (needs APEX's CUDA kernel).
+        allreduce_dgrad: All-reduce the input gradient over ``tp_group``.
+        sequence_parallel: All-gather the input along dim 0 first (reduce-scatter of
+            the input gradient in backward).
+        grad_output_buffer: Must be None (deferred embedding wgrad is not emulated).
+        wgrad_deferral_limit: Ignored without ``grad_output_buffer``.
+        async_grad_allreduce: Deprecated megatron argument; must be None.
+        tp_group: The tensor-parallel group; megatron's default one if None.
+        gemm: ``(x, weight, bias) -> y``, differentiable.
+
+    Returns:
+        ``(s_total, b, out_local)``.
+
+    Raises:
+        ValueError: For gradient accumulation fusion, a gradient output buffer, or
+            ``allreduce_dgrad`` together with ``sequence_parallel``.
+    """
+    if gradient_accumulation_fusion:
+        raise ValueError(
+            "FP8 emulation does not support gradient_accumulation_fusion (APEX's fused "
+            "wgrad kernel accumulates an unquantised GEMM into main_grad); turn it off"
+        )
+    if grad_output_buffer is not None or async_grad_allreduce is not None:
+        raise ValueError(
+            "FP8 emulation does not support deferred weight-gradient computation "
+            "(grad_output_buffer) or the deprecated async_grad_allreduce argument"
+        )
+    if allreduce_dgrad and sequence_parallel:
+        raise ValueError("allreduce_dgrad and sequence_parallel cannot both be set")
+    if sequence_parallel:
+        total_input = gather_from_sequence_parallel_region(
+            input, tensor_parallel_output_grad=True, group=tp_group
+        )
+    elif allreduce_dgrad:
+        total_input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+    else:
+        total_input = input
+    return gemm(total_input, weight, bias)
+
+
+def _refuse_grad_accumulation_fusion(config: Any, cls: type) -> None:
+    if getattr(config, "gradient_accumulation_fusion", False):
+        raise ValueError(
+            f"{cls.__name__}: config.gradient_accumulation_fusion=True is not supported "
+            "with FP8 emulation (the fused kernel would run an unquantised wgrad GEMM); "
+            "set gradient_accumulation_fusion=False"
+        )
+
+
+class EmulatedFP8ColumnParallelLinear(ColumnParallelLinear):
+    """megatron's ``ColumnParallelLinear`` whose GEMMs are emulated FP8 GEMMs.
+
+    Takes ``ColumnParallelLinear``'s arguments plus ``fp8_emulation``; parameters,
+    initialisation, checkpoints and communication are megatron's.
+
+    Args:
+        *args: As for ``ColumnParallelLinear``.
+        fp8_emulation: The recipe's GEMM emulation; blockwise if None.
+        **kwargs: As for ``ColumnParallelLinear``.
+
+    Raises:
+        ValueError: ``config.gradient_accumulation_fusion`` is on.
+    """
+
+    def __init__(
+        self, *args: Any, fp8_emulation: FP8GemmEmulation | None = None, **kwargs: Any
+    ) -> None:
+        _refuse_grad_accumulation_fusion(kwargs.get("config"), type(self))
+        super().__init__(*args, **kwargs)
+        self.fp8_emulation = fp8_emulation or BlockwiseEmulation()
+
+    def _forward_impl(self, input: torch.Tensor, weight: torch.Tensor, *args, **kwargs):
+        return emulated_parallel_linear(
+            input, weight, *args, gemm=self.fp8_emulation.linear, **kwargs
+        )
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, fp8_emulation={self.fp8_emulation.name})"
+
+
+class EmulatedFP8RowParallelLinear(RowParallelLinear):
+    """megatron's ``RowParallelLinear`` whose GEMMs are emulated FP8 GEMMs.
+
+    The GEMM is local; the output all-reduce / reduce-scatter stays in megatron's
+    ``forward``.
+
+    Args:
+        *args: As for ``RowParallelLinear``.
+        fp8_emulation: The recipe's GEMM emulation; blockwise if None.
+        **kwargs: As for ``RowParallelLinear``.
+
+    Raises:
+        ValueError: ``config.gradient_accumulation_fusion`` is on.
+    """
+
+    def __init__(
+        self, *args: Any, fp8_emulation: FP8GemmEmulation | None = None, **kwargs: Any
+    ) -> None:
+        _refuse_grad_accumulation_fusion(kwargs.get("config"), type(self))
+        super().__init__(*args, **kwargs)
+        self.fp8_emulation = fp8_emulation or BlockwiseEmulation()
+
+    def _forward_impl(self, input: torch.Tensor, weight: torch.Tensor, *args, **kwargs):
+        return emulated_parallel_linear(
+            input, weight, *args, gemm=self.fp8_emulation.linear, **kwargs
+        )
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, fp8_emulation={self.fp8_emulation.name})"
+
+
+_EMULATED = {
+    ColumnParallelLinear: EmulatedFP8ColumnParallelLinear,
+    RowParallelLinear: EmulatedFP8RowParallelLinear,
+}
+
+
+def _emulated_slot(slot: Any, emulation: FP8GemmEmulation, where: str) -> ModuleSpec:
+    """A linear-layer slot of a spec, built as the emulated class instead."""
+    if isinstance(slot, ModuleSpec):
+        cls, params, submodules, metainfo = slot.module, slot.params, slot.submodules, slot.metainfo
+    else:
+        cls, params, submodules, metainfo = slot, {}, None, {}
+    new_cls = _EMULATED.get(cls) if isinstance(cls, type) else None
+    if new_cls is None:
+        name = getattr(cls, "__name__", repr(cls))
+        raise ValueError(
+            f"{where} is {name}; FP8 emulation replaces megatron's local ColumnParallelLinear"
+            " and RowParallelLinear only. Build the model from local layer specs (no "
+            "TransformerEngine, moe_grouped_gemm=False) when fp8.emulate=true."
+        )
+    return ModuleSpec(
+        module=new_cls,
+        params={**params, "fp8_emulation": emulation},
+        submodules=submodules,
+        metainfo=dict(metainfo),
+    )
+
+
+def _convert_mlp(mlp_spec: Any, emulation: FP8GemmEmulation, where: str) -> None:
+    sub = getattr(mlp_spec, "submodules", None)
+    if not isinstance(sub, MLPSubmodules):
+        name = getattr(getattr(mlp_spec, "module", mlp_spec), "__name__", repr(mlp_spec))
+        raise ValueError(
+            f"{where} is {name} without per-layer linear submodules (a grouped-GEMM expert "
+            "module?); FP8 emulation needs megatron's SequentialMLP/MLP (moe_grouped_gemm="
+            "False)"
+        )
+    sub.linear_fc1 = _emulated_slot(sub.linear_fc1, emulation, f"{where}.linear_fc1")
+    sub.linear_fc2 = _emulated_slot(sub.linear_fc2, emulation, f"{where}.linear_fc2")
+
+
+def _convert_transformer_layer(layer_spec: ModuleSpec, emulation: FP8GemmEmulation, where: str):
+    """A copy of a ``TransformerLayer`` spec whose FP8 linear layers are emulated."""
+    spec = copy.deepcopy(layer_spec)
+    sub = spec.submodules
+    if not isinstance(sub, TransformerLayerSubmodules):
+        raise ValueError(f"{where} is not a TransformerLayer spec: {type(sub).__name__}")
+    attn = sub.self_attention
+    attn_sub = getattr(attn, "submodules", None)
+    if not isinstance(attn_sub, SelfAttentionSubmodules):
+        raise ValueError(
+            f"{where}.self_attention has submodules {type(attn_sub).__name__}; FP8 emulation "
+            "supports megatron's SelfAttention (linear_qkv, linear_proj)"
+        )
+    attn_sub.linear_qkv = _emulated_slot(
+        attn_sub.linear_qkv, emulation, f"{where}.self_attention.linear_qkv"
+    )
+    attn_sub.linear_proj = _emulated_slot(
+        attn_sub.linear_proj, emulation, f"{where}.self_attention.linear_proj"
+    )
+    mlp_sub = getattr(sub.mlp, "submodules", None)
+    if isinstance(mlp_sub, MoESubmodules):
+        _convert_mlp(mlp_sub.experts, emulation, f"{where}.mlp.experts")
+        if mlp_sub.shared_experts is not None:
+            _convert_mlp(mlp_sub.shared_experts, emulation, f"{where}.mlp.shared_experts")
+    else:
+        _convert_mlp(sub.mlp, emulation, f"{where}.mlp")
+    return spec
+
+
+def kept_in_bf16(fp8_cfg: Any, num_layers: int, layer_no: int) -> bool:
+    """Whether decoder layer ``layer_no`` (global, 0-based) stays in high precision.
+
+    Same rule as megatron's ``is_first_last_bf16_layer``, read from our ``FP8Config``.
+    """
+    if not fp8_cfg.first_last_layers_bf16:
+        return False
+    return (
+        layer_no < fp8_cfg.num_layers_at_start_in_bf16
+        or layer_no >= num_layers - fp8_cfg.num_layers_at_end_in_bf16
+    )
+
+
+def emulated_fp8_layer_specs(
+    block_spec: Any,
+    mtp_spec: Any | None,
+    config: Any,
+    fp8_cfg: Any,
+    *,
+    vp_stage: int | None = None,
+) -> tuple[Any, Any | None]:
+    """Decoder and MTP spec trees whose FP8 GEMMs run through the emulated layers.
+
+    Converted: in every decoder layer not kept in BF16, and in every MTP layer's
+    transformer layer, attention ``linear_qkv`` / ``linear_proj`` and the ``linear_fc1`` /
+    ``linear_fc2`` of the dense MLP, of every routed expert (``SequentialMLP``) and of the
+    shared expert; MTP's ``eh_proj`` too unless ``fp8_cfg.mtp_projections_bf16``.
+    Not converted: decoder layers named by ``first_last_layers_bf16``, norms, routers,
+    the attention core, and (outside these specs) the embedding and the output layer.
+
+    The MTP transformer layer is converted whatever ``first_last_layers_bf16`` says about
+    the last decoder layer it is copied from: megatron-core runs MTP under the global FP8
+    context. The inputs are not modified; converted layers are deep copies (module
+    classes are not copied), since megatron's spec trees share one spec between layers.
+
+    Args:
+        block_spec: ``TransformerBlockSubmodules`` of this pipeline stage, from megatron's
+            local (non-TE) specs.
+        mtp_spec: ``MultiTokenPredictionBlockSubmodules`` or None.
+        config: megatron ``TransformerConfig`` (for the number of layers and this stage's
+            layer offset; requires megatron's parallel state).
+        fp8_cfg: Our ``FP8Config``; ``recipe`` picks the emulation.
+        vp_stage: Virtual pipeline stage of the chunk being built.
+
+    Returns:
+        ``(block_spec, mtp_spec)`` with emulated linear layers.
+
+    Raises:
+        ValueError: For a recipe with nothing to emulate, or a spec whose linear layers
+            are not megatron's local ones (e.g. TransformerEngine or grouped-GEMM specs).
+    """
+    emulation = emulation_for_config(fp8_cfg)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    layer_specs: list = []
+    bf16_layers: list[int] = []
+    fp8_layers: list[int] = []
+    for i, spec in enumerate(block_spec.layer_specs):
+        layer_no = offset + i
+        if kept_in_bf16(fp8_cfg, config.num_layers, layer_no):
+            bf16_layers.append(layer_no)
+            layer_specs.append(spec)
+        else:
+            fp8_layers.append(layer_no)
+            layer_specs.append(
+                _convert_transformer_layer(spec, emulation, f"decoder layer {layer_no}")
+            )
+    new_block = dataclasses.replace(block_spec, layer_specs=layer_specs)
+
+    new_mtp = None
+    if mtp_spec is not None:
+        mtp_layers = []
+        for i, spec in enumerate(mtp_spec.layer_specs):
+            layer = copy.copy(spec)
+            sub = copy.copy(spec.submodules)
+            sub.transformer_layer = _convert_transformer_layer(
+                sub.transformer_layer, emulation, f"MTP layer {i} transformer_layer"
+            )
+            if not fp8_cfg.mtp_projections_bf16:
+                sub.eh_proj = _emulated_slot(sub.eh_proj, emulation, f"MTP layer {i} eh_proj")
+            layer.submodules = sub
+            mtp_layers.append(layer)
+        new_mtp = dataclasses.replace(mtp_spec, layer_specs=mtp_layers)
+
+    logger.info(
+        "FP8 emulation (%s): emulated linear layers in decoder layers %s%s; high precision: "
+        "decoder layers %s, embedding, output layer, routers, norms, attention core%s",
+        emulation.name,
+        fp8_layers,
+        "" if new_mtp is None else f" and {len(new_mtp.layer_specs)} MTP layer(s)",
+        bf16_layers or "none",
+        ", MTP eh_proj" if new_mtp is not None and fp8_cfg.mtp_projections_bf16 else "",
+    )
+    return new_block, new_mtp
