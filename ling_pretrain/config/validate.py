@@ -312,13 +312,13 @@ def _check_training(cfg: Any, errors: list[str]) -> None:
                 "data.source=indexed needs data.prefixes=[...] (outputs of "
                 "data_tools/pretokenize.py), or use data=builtin / data=mock."
             )
+        from ling_pretrain.data.gpt import expand_prefix
+
         for prefix in d.prefixes:
-            missing = [s for s in (".bin", ".idx") if not os.path.exists(prefix + s)]
-            if missing:
-                errors.append(
-                    f"data.prefixes entry {prefix!r}: {' and '.join(prefix + s for s in missing)} "
-                    "not found; give the path prefix without .bin/.idx."
-                )
+            try:
+                expand_prefix(prefix)
+            except ValueError as err:
+                errors.append(str(err))
         if d.weights is not None and len(d.weights) != len(d.prefixes):
             errors.append(
                 f"data.weights has {len(d.weights)} entries but data.prefixes has "

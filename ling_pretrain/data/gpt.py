@@ -80,6 +80,46 @@ def eod_token_id_from_tokenizer_dir(tokenizer_dir: str) -> int:
     return token_id
 
 
+def expand_prefix(prefix: str) -> list[str]:
+    """Dataset prefixes behind one ``data.prefixes`` entry.
+
+    An entry is either a megatron dataset prefix (``P.bin``/``P.idx`` exist) or an output
+    prefix of ``data_tools/pretokenize.py``, whose shards (and, for runs split into a Slurm
+    job array, every part's shards) are listed by its manifests, in order.
+
+    Raises:
+        ValueError: naming the entry, when neither exists or a part is missing or unfinished.
+    """
+    if os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx"):
+        return [prefix]
+    from ling_pretrain.data.pretokenize import PretokenizeError, collect_prefixes
+
+    try:
+        return collect_prefixes(prefix)
+    except PretokenizeError as err:
+        raise ValueError(
+            f"data.prefixes entry {prefix!r}: no {prefix}.bin/.idx and no pretokenize manifest "
+            f"({err}). Give a dataset prefix (path without .bin/.idx) or the --output-prefix of "
+            "a finished data_tools/pretokenize.py run."
+        ) from None
+
+
+def expand_blend(
+    prefixes: list[str], weights: list[float] | None
+) -> tuple[list[str], list[float] | None]:
+    """Expand every entry to its dataset prefixes; an entry's weight is split by shard size."""
+    out_prefixes: list[str] = []
+    out_weights: list[float] = []
+    for i, entry in enumerate(prefixes):
+        shards = expand_prefix(entry)
+        out_prefixes += shards
+        if weights is not None:
+            sizes = [os.path.getsize(s + ".bin") for s in shards]
+            total = sum(sizes) or 1
+            out_weights += [weights[i] * size / total for size in sizes]
+    return out_prefixes, (out_weights if weights is not None else None)
+
+
 @dataclass(frozen=True)
 class ResolvedData:
     """Data settings after resolving the built-in corpus and the tokenizer."""
@@ -109,6 +149,9 @@ def resolve_data(cfg: Any) -> ResolvedData:
             dist.barrier()
         prefix, tokenizer = ensure_builtin_corpus()
         prefixes = [str(prefix)]
+    weights = list(d.weights) if d.weights is not None else None
+    if d.source == "indexed":
+        prefixes, weights = expand_blend(prefixes, weights)
     if d.source == "mock":
         eod = d.eod_token_id if d.eod_token_id is not None else cfg.model.vocab_size - 1
     elif d.eod_token_id is not None:
@@ -120,7 +163,7 @@ def resolve_data(cfg: Any) -> ResolvedData:
             f"end-of-document id {eod} is outside model.vocab_size={cfg.model.vocab_size}: the "
             "data and the model use different tokenizers"
         )
-    return ResolvedData(d.source, prefixes, d.weights, eod)
+    return ResolvedData(d.source, prefixes, weights, eod)
 
 
 def build_datasets(cfg: Any, data: ResolvedData, num_samples: tuple[int, int, int], cache_dir: str):

@@ -899,19 +899,34 @@ def _encode_in_order(
             yield batch, encoder(batch.kind, batch.payload)
         return
     import multiprocessing
+    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn, not fork: the caller (e.g. a trainer) may hold threads or a used tokenizer pool.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_worker_init, initargs=init_args) as pool:
-        pending: deque[tuple[_Batch, Any]] = deque()
+    # An executor, not multiprocessing.Pool: a worker that dies breaks the executor with an
+    # error, where a Pool would silently start a new worker and wait forever for the result.
+    executor = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=init_args,
+    )
+    pending: deque[tuple[_Batch, Future]] = deque()
+    try:
         for batch in batches:
-            pending.append((batch, pool.apply_async(_worker_encode, (batch.kind, batch.payload))))
+            pending.append((batch, executor.submit(_worker_encode, batch.kind, batch.payload)))
             if len(pending) >= 3 * workers:
-                done, handle = pending.popleft()
-                yield done, handle.get()
+                done, future = pending.popleft()
+                yield done, future.result()
         while pending:
-            done, handle = pending.popleft()
-            yield done, handle.get()
+            done, future = pending.popleft()
+            yield done, future.result()
+    except BrokenProcessPool as exc:
+        raise RuntimeError(
+            "a tokenizer worker process died (see its error above; out of memory?)"
+        ) from exc
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- manifest

@@ -106,7 +106,7 @@ def _tiny(*overrides: str):
         (
             ["data.source=indexed", "data.prefixes=[/nonexistent/corpus]"],
             1,
-            r"/nonexistent/corpus.bin and /nonexistent/corpus.idx not found",
+            r"'/nonexistent/corpus': no /nonexistent/corpus.bin/.idx and no pretokenize manifest",
         ),
         (
             ["checkpoint.init_from=/a", "checkpoint.load_dir=/b"],
