@@ -66,6 +66,8 @@ def z_loss(num_microbatches: int, device: torch.device) -> float | None:
     value, has = 0.0, "z_loss" in tracker
     if has:
         values = tracker["z_loss"]["values"]
+        # z-loss is strictly positive for every MoE layer that ran; counting those avoids
+        # depending on whether this megatron-core version tracks the MTP layer's router.
         layers = int((values != 0).sum()) or 1
         value = float(values.sum()) / layers / num_microbatches
     clear_aux_losses_tracker()

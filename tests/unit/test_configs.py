@@ -86,12 +86,25 @@ def test_model_presets_compose_and_validate(name):
     "group,name",
     [(g, n) for g in GROUPS if g != "model" for n in _yaml_names(g)],
 )
-def test_group_yamls_compose_and_validate(group, name):
+def test_group_yamls_compose_and_validate(group, name, tmp_path):
     overrides = ["+model=ling_tiny", f"{group}={name}"]
     if group == "data" and name == "indexed":
-        pytest.skip("needs real .bin/.idx files: covered by the data tests")
+        prefix = _tiny_indexed_dataset(tmp_path)
+        overrides += [f"data.prefixes=[{prefix}]", "data.eod_token_id=0", "data.seq_length=128"]
     cfg = compose(overrides)
     validate(cfg, 1, TARGET_HARDWARE.get((group, name), CPU))
+
+
+def _tiny_indexed_dataset(tmp_path) -> str:
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "tiny")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    builder.add_document(torch.tensor([5, 6, 7, 0], dtype=torch.int32), [4])
+    builder.finalize(prefix + ".idx")
+    return prefix
 
 
 def test_a_typo_fails_at_compose_time_naming_the_key():
