@@ -544,16 +544,12 @@ def _refuse_grad_accumulation_fusion(config: Any, cls: type) -> None:
         )
 
 
-class EmulatedFP8ColumnParallelLinear(ColumnParallelLinear):
-    """megatron's ``ColumnParallelLinear`` whose GEMMs are emulated FP8 GEMMs.
+class _EmulatedGemmMixin:
+    """Replaces megatron's GEMM (``_forward_impl``) by an emulated FP8 GEMM.
 
-    Takes ``ColumnParallelLinear``'s arguments plus ``fp8_emulation``; parameters,
-    initialisation, checkpoints and communication are megatron's.
-
-    Args:
-        *args: As for ``ColumnParallelLinear``.
-        fp8_emulation: The recipe's GEMM emulation; blockwise if None.
-        **kwargs: As for ``ColumnParallelLinear``.
+    Takes the wrapped layer's arguments plus ``fp8_emulation`` (the recipe's GEMM emulation;
+    blockwise if None); parameters, initialisation, checkpoints and communication stay
+    megatron's.
 
     Raises:
         ValueError: ``config.gradient_accumulation_fusion`` is on.
@@ -575,35 +571,16 @@ class EmulatedFP8ColumnParallelLinear(ColumnParallelLinear):
         return f"{super().__repr__()[:-1]}, fp8_emulation={self.fp8_emulation.name})"
 
 
-class EmulatedFP8RowParallelLinear(RowParallelLinear):
+class EmulatedFP8ColumnParallelLinear(_EmulatedGemmMixin, ColumnParallelLinear):
+    """megatron's ``ColumnParallelLinear`` whose GEMMs are emulated FP8 GEMMs."""
+
+
+class EmulatedFP8RowParallelLinear(_EmulatedGemmMixin, RowParallelLinear):
     """megatron's ``RowParallelLinear`` whose GEMMs are emulated FP8 GEMMs.
 
     The GEMM is local; the output all-reduce / reduce-scatter stays in megatron's
     ``forward``.
-
-    Args:
-        *args: As for ``RowParallelLinear``.
-        fp8_emulation: The recipe's GEMM emulation; blockwise if None.
-        **kwargs: As for ``RowParallelLinear``.
-
-    Raises:
-        ValueError: ``config.gradient_accumulation_fusion`` is on.
     """
-
-    def __init__(
-        self, *args: Any, fp8_emulation: FP8GemmEmulation | None = None, **kwargs: Any
-    ) -> None:
-        _refuse_grad_accumulation_fusion(kwargs.get("config"), type(self))
-        super().__init__(*args, **kwargs)
-        self.fp8_emulation = fp8_emulation or BlockwiseEmulation()
-
-    def _forward_impl(self, input: torch.Tensor, weight: torch.Tensor, *args, **kwargs):
-        return emulated_parallel_linear(
-            input, weight, *args, gemm=self.fp8_emulation.linear, **kwargs
-        )
-
-    def __repr__(self) -> str:
-        return f"{super().__repr__()[:-1]}, fp8_emulation={self.fp8_emulation.name})"
 
 
 _EMULATED = {
