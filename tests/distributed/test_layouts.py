@@ -101,3 +101,22 @@ def test_layout_gradients_match_single_process(layout_runs, reference, name):
     rtol = GRAD_NORM_RTOL.get(name, 2e-5)
     for ref, rec in zip(reference, records, strict=True):
         assert rec["grad_norm"] == pytest.approx(ref["grad_norm"], rel=rtol), rec["step"]
+
+
+def test_validation_loss_is_logged_and_layout_independent(tmp_path, seed_checkpoint):
+    """Evaluation runs the same validation samples through any layout."""
+    extra = [
+        "trainer.max_steps=2",
+        "trainer.eval_interval=2",
+        "trainer.eval_iters=2",
+        f"checkpoint.init_from={seed_checkpoint}",
+        "checkpoint.save_at_end=false",
+    ]
+    run_pretrain(tmp_path / "one", [*TINY, *extra])
+    run_pretrain(
+        tmp_path / "pp2", [*TINY, *extra, "parallel.pipeline_model_parallel_size=2"], nproc=2
+    )
+    one, pp2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "pp2")
+    assert "val_loss" not in one[0] and "val_loss" in one[1]
+    assert 0 < one[1]["val_loss"] < 20
+    assert pp2[1]["val_loss"] == pytest.approx(one[1]["val_loss"], abs=1e-5)
