@@ -72,7 +72,7 @@ def relative_gap(baseline: list[float], candidate: list[float], last: int) -> di
     }
 
 
-def _plot(path: Path, curves: dict[str, list[dict]], title: str) -> None:
+def _plot(path: Path, curves: dict[str, list[dict]], title: str, params_dtype: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +80,8 @@ def _plot(path: Path, curves: dict[str, list[dict]], title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, records in curves.items():
-        ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=name, lw=1.2)
+        label = f"{'FP8 off' if name == 'bf16' else name} ({params_dtype} params)"
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=label, lw=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("LM loss")
     ax.set_title(title)
@@ -153,7 +154,8 @@ def main(argv: list[str]) -> None:
     _plot(
         out / "comparison.png",
         curves,
-        f"{label} vs bf16: final-loss gap {100 * gap['relative_gap']:+.3f}%",
+        f"{label} vs FP8 off: final-loss gap {100 * gap['relative_gap']:+.3f}%",
+        args.params_dtype,
     )
     print(json.dumps({k: v for k, v in result.items() if k != "curves"}, indent=2))
 
