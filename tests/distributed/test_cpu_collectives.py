@@ -28,7 +28,9 @@ def _worker(rank: int, port: int, out: dict) -> None:
         in_splits = torch.tensor([1, 2]) if rank == 0 else torch.tensor([2, 1])
         out_splits = torch.tensor([1, 2]) if rank == 0 else torch.tensor([2, 1])
         recv = torch.empty(int(out_splits.sum()))
-        dist.all_to_all_single(recv, send, output_split_sizes=out_splits, input_split_sizes=in_splits)
+        dist.all_to_all_single(
+            recv, send, output_split_sizes=out_splits, input_split_sizes=in_splits
+        )
         out[rank] = ([p.tolist() for p in parts], recv.tolist())
     finally:
         dist.destroy_process_group()
