@@ -42,26 +42,23 @@ additionally keeps MTP's ``eh_proj`` in BF16 (``fp8.mtp_projections_bf16``).
 
 The recipes
 -----------
-* ``blockwise`` and ``blockwise_fp8_params`` (TE ``Float8BlockScaling``): E4M3 for every
-  operand, 1 x 128 tiles for activations and gradients, 128 x 128 weight blocks,
-  power-of-2 scales; each GEMM's operands are tiled along its own reduction dimension.
-  This is :func:`ling_pretrain.fp8.emulation.emulated_linear` as is. Keeping the primary
-  weights in FP8 (``_fp8_params``) changes memory, not the GEMM operands: the FP8 weight
-  is the same 128 x 128-block quantisation of the fp32 master weight.
-* ``tensorwise`` (TE ``Float8CurrentScaling`` with megatron's ``hybrid`` format): one
-  scale per tensor, ``fp8_max / amax`` without power-of-2 rounding, E4M3 for inputs and
-  weights, E5M2 for output gradients. A per-tensor scale survives transposition, so each
-  operand is quantised once and the same values serve all three GEMMs. The tensor is the
-  one the GEMM reads: after the sequence-parallel all-gather (TE quantises before the
-  all-gather but reduces the amax over the TP group, which gives the same scale), and the
-  local shard for a row-parallel input or a column-parallel output gradient.
-* ``mxfp8`` (TE ``MXFP8BlockScaling``): E4M3 for every operand, 1 x 32 tiles along the
-  reduction dimension of every GEMM (so, unlike blockwise, the weight is re-quantised
-  from high precision in 32 x 1 tiles for dgrad), and E8M0 scales: a power of two
-  obtained by rounding ``amax / fp8_max`` *up* to the next power of two. The rounding is
-  done on the fp32 bits of ``amax * fl32(1 / fp8_max)``, following TE's ``float_to_e8m0``
-  case by case, so even ties at exact powers of two resolve as on the GPU; the element
-  rounding is then the same saturating cast as in the other recipes.
+:func:`emulation_for_config` maps ``fp8.recipe`` to the operand rule of
+``emulation.py``, and every layer runs :func:`ling_pretrain.fp8.emulation.emulated_gemm`
+(one autograd function for all recipes) with it:
+
+* ``blockwise`` and ``blockwise_fp8_params`` (TE ``Float8BlockScaling``):
+  ``BlockwiseEmulation``, exactly :func:`ling_pretrain.fp8.emulation.emulated_linear`.
+  Keeping the primary weights in FP8 (``_fp8_params``) changes memory, not the GEMM
+  operands: the FP8 weight is the same 128 x 128-block quantisation of the fp32 master
+  weight.
+* ``tensorwise`` (TE ``Float8CurrentScaling`` with megatron's ``hybrid`` format):
+  ``TensorwiseEmulation``, one exact scale per tensor, E4M3 forward, E5M2 gradients. The
+  tensor is the one the GEMM reads: after the sequence-parallel all-gather (TE quantises
+  before the all-gather but reduces the amax over the TP group, which gives the same
+  scale), and the local shard for a row-parallel input or a column-parallel output
+  gradient.
+* ``mxfp8`` (TE ``MXFP8BlockScaling``): ``MXFP8Emulation``, 1 x 32 tiles along every
+  GEMM's reduction dimension with E8M0 scales rounded as TE's ``float_to_e8m0`` does.
 
 Non-finite operands raise ``FloatingPointError`` in every recipe (the package's default
 policy, see ``quantize.py``). Emulated GEMMs are counted by
@@ -74,11 +71,9 @@ import copy
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -94,311 +89,28 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-# The package's own GEMM counter; emulated GEMMs of every recipe are counted together.
-from ling_pretrain.fp8.emulation import FP8EmulationSpec, _record, emulated_linear
-from ling_pretrain.fp8.quantize import fake_quantize, get_fp8_format, raise_if_nonfinite
+from ling_pretrain.fp8.emulation import (
+    BlockwiseEmulation,
+    FP8EmulationSpec,
+    FP8GemmEmulation,
+    MXFP8Emulation,
+    TensorwiseEmulation,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "EMULATED_RECIPES",
-    "BlockwiseEmulation",
     "EmulatedFP8ColumnParallelLinear",
     "EmulatedFP8RowParallelLinear",
-    "FP8GemmEmulation",
-    "MXFP8Emulation",
-    "TensorwiseEmulation",
     "emulated_fp8_layer_specs",
     "emulated_parallel_linear",
     "emulation_for_config",
     "fp8_emulation_spec",
     "kept_in_bf16",
-    "mx_fake_quantize",
 ]
 
 Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-class FP8GemmEmulation(Protocol):
-    """An FP8 recipe's linear map ``y = x @ w.T (+ bias)`` with its rounding emulated.
-
-    ``linear`` must be differentiable in ``x``, ``weight`` and ``bias`` and return ``x``'s
-    dtype, like ``torch.nn.functional.linear``.
-    """
-
-    name: str
-
-    def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Applies the emulated FP8 linear map."""
-        ...
-
-
-@dataclass(frozen=True)
-class BlockwiseEmulation:
-    """TE ``Float8BlockScaling``: :func:`emulated_linear` with ``spec``.
-
-    Attributes:
-        spec: Tiles, formats and scale rules; the recipe's defaults if not given.
-        name: Recipe name, for logs.
-    """
-
-    spec: FP8EmulationSpec = field(default_factory=FP8EmulationSpec)
-    name: str = "blockwise"
-
-    def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``emulated_linear(x, weight, spec, bias)``."""
-        return emulated_linear(x, weight, self.spec, bias)
-
-
-def _gemm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` in fp32, the same product ``emulated_linear`` uses."""
-    return a.contiguous() @ b.contiguous().t()
-
-
-def _per_tensor_fake_quantize(x2d: torch.Tensor, fmt: str, name: str) -> torch.Tensor:
-    """Current (per-tensor) scaling: one tile covering the whole matrix, exact scales."""
-    if x2d.numel() == 0:
-        return x2d.float()
-    return fake_quantize(
-        x2d.float(), (x2d.shape[0], x2d.shape[1]), fmt, power_of_2_scales=False, name=name
-    )
-
-
-# The E8M0 exponent field of an fp32 number and the rule TE's ``float_to_e8m0`` applies.
-_FP32_MANTISSA_BITS = 23
-_FP32_MANTISSA_MASK = 0x7FFFFF
-_E8M0_MAX_FINITE = 0xFE
-_E8M0_BIAS = 127
-
-
-def mx_fake_quantize(
-    x2d: torch.Tensor, block: int = 32, fmt: str = "e4m3", *, name: str = "tensor"
-) -> torch.Tensor:
-    """MXFP8 quantise-dequantise of a matrix in ``1 x block`` tiles along its last dim.
-
-    Per tile, ``v = amax * fl32(1 / fp8_max)`` is computed in fp32 and its exponent field
-    is rounded up when any mantissa bit is set (not past 254, and not for values at or
-    below 2^-127), giving the biased E8M0 exponent ``e``; elements are multiplied by
-    ``2^(127 - e)`` (by 1 when ``e == 0``), cast to FP8 with saturation and multiplied
-    back by ``2^(e - 127)``. An all-zero tile has ``e == 0`` and stays zero.
-
-    Args:
-        x2d: 2-D floating-point tensor, finite.
-        block: Tile length (32 for MXFP8).
-        fmt: ``"e4m3"`` or ``"e5m2"``.
-        name: What ``x2d`` is, for error messages.
-
-    Returns:
-        fp32 tensor of ``x2d``'s shape: the values the FP8 GEMM reads.
-
-    Raises:
-        ValueError: ``x2d`` is not 2-D or ``block < 1``.
-        FloatingPointError: ``x2d`` holds NaN or Inf.
-    """
-    fp8 = get_fp8_format(fmt)
-    if x2d.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(x2d.shape)}")
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    raise_if_nonfinite(x2d, name=name)
-    rows, cols = x2d.shape
-    n_tiles = -(-cols // block)
-    tiles = F.pad(x2d.float(), (0, n_tiles * block - cols)).reshape(rows, n_tiles, block)
-    amax = tiles.abs().amax(dim=-1)
-    # TE multiplies by the fp32 reciprocal of fp8_max (a compile-time float constant).
-    rcp = torch.tensor(1.0 / fp8.max, dtype=torch.float32)
-    bits = (amax * rcp).view(torch.int32)
-    exponent = bits >> _FP32_MANTISSA_BITS
-    mantissa = bits & _FP32_MANTISSA_MASK
-    round_up = (
-        (mantissa > 0)
-        & (exponent != _E8M0_MAX_FINITE)
-        & ~((exponent == 0) & (mantissa <= 0x400000))
-    )
-    e = exponent + round_up.to(torch.int32)
-    # 2^(127 - e) built from its fp32 bits, as TE does; e == 0 quantises with scale 1.
-    quant_scale = ((2 * _E8M0_BIAS - e) << _FP32_MANTISSA_BITS).view(torch.float32)
-    quant_scale = torch.where(e == 0, torch.ones_like(quant_scale), quant_scale)
-    q = (tiles * quant_scale[..., None]).clamp(-fp8.max, fp8.max).to(fp8.dtype)
-    dequant_scale = torch.pow(2.0, e.double() - _E8M0_BIAS).float()
-    out = q.float() * dequant_scale[..., None]
-    return out.reshape(rows, n_tiles * block)[:, :cols]
-
-
-class _OperandEmulation(Protocol):
-    """The three GEMMs of a linear layer, as pairs ``(a, b)`` multiplied as ``a @ b.T``."""
-
-    def fprop_operands(
-        self, x2d: torch.Tensor, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def dgrad_operands(
-        self, dy2d: torch.Tensor, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def wgrad_operands(
-        self, dy2d: torch.Tensor, x2d: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-class _EmulatedGemm(torch.autograd.Function):
-    """``y = x @ w.T (+ bias)`` with each GEMM's operands supplied by a recipe.
-
-    Same conventions as ``emulated_linear``: fp32 products, output and input gradient
-    in ``x``'s dtype, weight gradient in the weight's dtype, bias added in fp32 and not
-    quantised. The high-precision input and weight are saved; backward quantises what
-    each backward GEMM reads from them (deterministic, so a per-tensor scale computed
-    again equals the forward one).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        recipe: _OperandEmulation,
-    ) -> torch.Tensor:
-        in_features = x.shape[-1]
-        if weight.dim() != 2 or weight.shape[1] != in_features:
-            raise ValueError(
-                f"weight of shape {tuple(weight.shape)} does not fit input of shape "
-                f"{tuple(x.shape)}; expected (out_features, {in_features})"
-            )
-        x2d = x.reshape(-1, in_features)
-        y = _gemm_nt(*recipe.fprop_operands(x2d, weight))
-        if bias is not None:
-            y = y + bias.float()
-        _record("forward")
-        ctx.save_for_backward(x2d, weight)
-        ctx.recipe = recipe
-        ctx.x_shape = x.shape
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(
-        ctx: Any, dy: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
-        x2d, weight = ctx.saved_tensors
-        recipe: _OperandEmulation = ctx.recipe
-        dy2d = dy.reshape(-1, dy.shape[-1]).float()
-        dx = dw = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = _gemm_nt(*recipe.dgrad_operands(dy2d, weight))
-            dx = dx.to(x2d.dtype).reshape(ctx.x_shape)
-            _record("dgrad")
-        if ctx.needs_input_grad[1]:
-            dw = _gemm_nt(*recipe.wgrad_operands(dy2d, x2d)).to(weight.dtype)
-            _record("wgrad")
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            dbias = dy2d.sum(dim=0).to(ctx.bias_dtype)
-        return dx, dw, dbias, None
-
-
-@dataclass(frozen=True)
-class TensorwiseEmulation:
-    """TE ``Float8CurrentScaling``: one exact (not power-of-2) scale per tensor.
-
-    Attributes:
-        fmt: Format of inputs and weights (E4M3).
-        grad_fmt: Format of output gradients (E5M2 in megatron's ``hybrid``).
-        name: Recipe name, for logs.
-    """
-
-    fmt: str = "e4m3"
-    grad_fmt: str = "e5m2"
-    name: str = "tensorwise"
-
-    def __post_init__(self) -> None:
-        get_fp8_format(self.fmt)
-        get_fp8_format(self.grad_fmt)
-
-    def fprop_operands(
-        self, x2d: torch.Tensor, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input and weight, each with its own per-tensor scale."""
-        return (
-            _per_tensor_fake_quantize(x2d, self.fmt, "input"),
-            _per_tensor_fake_quantize(weight, self.fmt, "weight"),
-        )
-
-    def dgrad_operands(
-        self, dy2d: torch.Tensor, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Output gradient, and the forward's FP8 weight read transposed."""
-        w_q = _per_tensor_fake_quantize(weight, self.fmt, "weight")
-        return _per_tensor_fake_quantize(dy2d, self.grad_fmt, "output gradient"), w_q.t()
-
-    def wgrad_operands(
-        self, dy2d: torch.Tensor, x2d: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same FP8 output gradient and FP8 input as dgrad and forward, transposed."""
-        dy_q = _per_tensor_fake_quantize(dy2d, self.grad_fmt, "output gradient")
-        return dy_q.t(), _per_tensor_fake_quantize(x2d, self.fmt, "input").t()
-
-    def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Applies the emulated FP8 linear map."""
-        return _EmulatedGemm.apply(x, weight, bias, self)
-
-
-@dataclass(frozen=True)
-class MXFP8Emulation:
-    """TE ``MXFP8BlockScaling``: 1 x 32 tiles along every GEMM's reduction dim, E8M0 scales.
-
-    Attributes:
-        block: Tile length.
-        fmt: Format of every operand (E4M3).
-        name: Recipe name, for logs.
-    """
-
-    block: int = 32
-    fmt: str = "e4m3"
-    name: str = "mxfp8"
-
-    def __post_init__(self) -> None:
-        get_fp8_format(self.fmt)
-        if self.block < 1:
-            raise ValueError(f"block must be >= 1, got {self.block}")
-
-    def fprop_operands(
-        self, x2d: torch.Tensor, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input and weight, both tiled along in-features."""
-        return (
-            mx_fake_quantize(x2d, self.block, self.fmt, name="input"),
-            mx_fake_quantize(weight, self.block, self.fmt, name="weight"),
-        )
-
-    def dgrad_operands(
-        self, dy2d: torch.Tensor, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Output gradient and the weight's column-wise copy, both tiled along out-features."""
-        return (
-            mx_fake_quantize(dy2d, self.block, self.fmt, name="output gradient"),
-            mx_fake_quantize(weight.t(), self.block, self.fmt, name="transposed weight"),
-        )
-
-    def wgrad_operands(
-        self, dy2d: torch.Tensor, x2d: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Column-wise copies of output gradient and input, both tiled along tokens."""
-        return (
-            mx_fake_quantize(dy2d.t(), self.block, self.fmt, name="transposed output gradient"),
-            mx_fake_quantize(x2d.t(), self.block, self.fmt, name="transposed input"),
-        )
-
-    def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Applies the emulated FP8 linear map."""
-        return _EmulatedGemm.apply(x, weight, bias, self)
 
 
 _BLOCKWISE_RECIPES = ("blockwise", "blockwise_fp8_params")

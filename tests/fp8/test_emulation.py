@@ -10,6 +10,8 @@ import torch
 from ling_pretrain.fp8.emulation import (
     FP8EmulatedLinear,
     FP8EmulationSpec,
+    FP8GemmEmulation,
+    emulated_gemm,
     emulated_linear,
     fp8_emulation_stats,
     fp8_emulation_totals,
@@ -243,3 +245,47 @@ def test_spec_blocks_from_lists_are_used() -> None:
     expected = fake_quantize(x2d, (1, 64)) @ fake_quantize(w, (32, 32)).t()
     assert torch.equal(emulated_linear(x2d, w, spec), expected)
     assert not torch.equal(emulated_linear(x2d, w), expected)
+
+
+class _QuantiseOneGemm(FP8GemmEmulation):
+    """Blockwise E4M3 operands for one of the three GEMMs, exact ones for the others."""
+
+    name = "one gemm"
+
+    def __init__(self, which: str) -> None:
+        self.which = which
+
+    def _pair(self, gemm: str, a: torch.Tensor, b: torch.Tensor):
+        a, b = a.float(), b.float()
+        if gemm == self.which:
+            return fake_quantize(a, ROW), fake_quantize(b, ROW)
+        return a, b
+
+    def fprop_operands(self, x2d, weight):
+        return self._pair("fprop", x2d, weight)
+
+    def dgrad_operands(self, dy2d, weight):
+        return self._pair("dgrad", dy2d, weight.t())
+
+    def wgrad_operands(self, dy2d, x2d):
+        return self._pair("wgrad", dy2d.t(), x2d.t())
+
+
+@pytest.mark.parametrize("which", ["fprop", "dgrad", "wgrad", "none"])
+def test_each_gemm_reads_the_operands_its_rule_gives(which: str) -> None:
+    """One autograd function serves every recipe: each GEMM uses its own operand rule."""
+    x, w, dy = _operands(torch.float32)
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with fp8_emulation_stats() as stats:
+        y = emulated_gemm(x, w, None, _QuantiseOneGemm(which))
+        y.backward(dy)
+    assert (stats.forward, stats.dgrad, stats.wgrad) == (1, 1, 1)
+    x2d, w2d, dy2d = x.detach().reshape(-1, IN), w.detach(), dy.reshape(-1, OUT)
+    exact = {"fprop": x2d @ w2d.t(), "dgrad": dy2d @ w2d, "wgrad": dy2d.t() @ x2d}
+    got = {"fprop": y.detach().reshape(-1, OUT), "dgrad": x.grad.reshape(-1, IN), "wgrad": w.grad}
+    for gemm in exact:
+        rel = _rel(got[gemm], exact[gemm])
+        if gemm == which:
+            assert 3e-3 < rel < 5e-2, (gemm, rel)
+        else:
+            assert rel < 1e-6, (gemm, rel)

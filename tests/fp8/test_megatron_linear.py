@@ -191,7 +191,7 @@ def test_recipes_round_real_data_differently():
 
 def test_tensorwise_uses_one_exact_scale_per_tensor():
     """Float8CurrentScaling: scale = fp8_max / amax, not rounded; E5M2 gradients."""
-    from ling_pretrain.fp8.megatron_linear import TensorwiseEmulation
+    from ling_pretrain.fp8.emulation import TensorwiseEmulation
 
     def reference(t: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
         scale = torch.tensor(fp8_max) / t.abs().max()
@@ -221,7 +221,7 @@ def _mx_reference(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 
 
 def test_mxfp8_scales_are_e8m0_rounded_up():
-    from ling_pretrain.fp8.megatron_linear import mx_fake_quantize
+    from ling_pretrain.fp8.emulation import mx_fake_quantize
 
     x = _skewed((48, 256), seed=8)
     assert torch.equal(mx_fake_quantize(x), _mx_reference(x))
@@ -242,7 +242,7 @@ def test_mxfp8_scales_are_e8m0_rounded_up():
 
 def test_mxfp8_gemms_tile_along_their_own_reduction_dims():
     """dgrad re-quantises the weight column-wise; wgrad tiles dy and x along tokens."""
-    from ling_pretrain.fp8.megatron_linear import MXFP8Emulation, mx_fake_quantize
+    from ling_pretrain.fp8.emulation import MXFP8Emulation, mx_fake_quantize
 
     x, w, dy = _skewed((96, 64), 9), _skewed((128, 64), 10), _skewed((96, 128), 11)
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -269,12 +269,8 @@ def test_an_expert_without_tokens_runs(recipe):
 
 
 def test_config_maps_to_te_recipes():
-    from ling_pretrain.fp8.megatron_linear import (
-        BlockwiseEmulation,
-        MXFP8Emulation,
-        TensorwiseEmulation,
-        fp8_emulation_spec,
-    )
+    from ling_pretrain.fp8.emulation import BlockwiseEmulation, MXFP8Emulation, TensorwiseEmulation
+    from ling_pretrain.fp8.megatron_linear import fp8_emulation_spec
 
     for recipe in ("blockwise", "blockwise_fp8_params"):
         assert _emulation(recipe) == BlockwiseEmulation(FP8EmulationSpec(), recipe)
@@ -381,7 +377,8 @@ def test_spec_conversion_copies_shared_specs_and_passes_the_recipe(world_of_one)
     """megatron shares one spec object between layers: converting some must not convert all."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    from ling_pretrain.fp8.megatron_linear import TensorwiseEmulation, emulated_fp8_layer_specs
+    from ling_pretrain.fp8.emulation import TensorwiseEmulation
+    from ling_pretrain.fp8.megatron_linear import emulated_fp8_layer_specs
     from ling_pretrain.models.ling.builder import build_layer_specs
 
     fp8 = compose(
