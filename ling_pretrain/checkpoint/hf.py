@@ -275,6 +275,29 @@ def check_hf_config(hf_config: dict, model_cfg: Any) -> None:
         )
 
 
+def hf_dir_problems(hf_dir: str | os.PathLike, model_cfg: Any) -> list[str]:
+    """Why ``hf_dir`` cannot initialise ``model_cfg`` (empty when it can): the directory,
+    its config.json and safetensors exist, and config.json matches the model. Cheap: reads
+    config.json and the index only, so it runs before any process group exists."""
+    path = Path(hf_dir)
+    if not path.is_dir():
+        return [f"checkpoint.init_from_hf={hf_dir}: no such directory."]
+    try:
+        hf = read_hf_config(path)
+    except (FileNotFoundError, json.JSONDecodeError) as err:
+        return [f"checkpoint.init_from_hf: {err}"]
+    if not (path / INDEX_FILE).is_file() and not any(path.glob("*.safetensors")):
+        return [
+            f"checkpoint.init_from_hf={hf_dir} holds no *.safetensors weights (only .bin? "
+            "convert them to safetensors first)."
+        ]
+    try:
+        check_hf_config(hf, model_cfg)
+    except ConfigError as err:
+        return [f"checkpoint.init_from_hf={hf_dir}: {err}"]
+    return []
+
+
 def hf_config_from_model(model_cfg: Any, *, torch_dtype: str = "bfloat16") -> dict:
     """A complete BailingMoeV2 ``config.json`` for our ``ModelConfig`` (inverse of
     :func:`model_overrides_from_hf`).

@@ -235,6 +235,10 @@ class CheckpointConfig:
     """Resume from this checkpoint directory instead of ``save_dir``."""
     init_from: str | None = None
     """Initialise weights only (fresh optimizer, step 0) from this megatron checkpoint."""
+    init_from_hf: str | None = None
+    """Initialise weights only (fresh optimizer, step 0) from this Hugging Face checkpoint
+    directory (config.json + safetensors, e.g. Ling-mini-base-2.0), whose config.json must
+    match the model. Excludes ``init_from``; resuming from ``save_dir`` wins over both."""
     keep_last: int = 0
     """Keep only this many newest checkpoints; 0 keeps all."""
     seed_checkpoint: bool = False

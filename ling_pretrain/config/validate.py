@@ -336,6 +336,15 @@ def _check_training(cfg: Any, errors: list[str]) -> None:
             "checkpoint.init_from (weights only, step 0) and checkpoint.load_dir (full resume) "
             "exclude each other; set one."
         )
+    if cfg.checkpoint.init_from_hf:
+        from ling_pretrain.checkpoint.hf import hf_dir_problems
+
+        if cfg.checkpoint.init_from or cfg.checkpoint.load_dir:
+            errors.append(
+                "checkpoint.init_from_hf excludes checkpoint.init_from and checkpoint.load_dir; "
+                "set one."
+            )
+        errors.extend(hf_dir_problems(cfg.checkpoint.init_from_hf, cfg.model))
 
 
 def _check_hardware(cfg: Any, world_size: int, hw: Hardware, errors: list[str]) -> None:

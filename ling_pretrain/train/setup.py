@@ -93,6 +93,12 @@ def _restore(cfg: Any, model: list, optimizer: Any, scheduler: Any, save_dir: st
         load_checkpoint(ck.init_from, model)
         # The optimizer's fp32 master weights were copied before the load; refresh them.
         optimizer.reload_model_params()
+    elif ck.init_from_hf:
+        from ling_pretrain.checkpoint.hf import load_hf_into_model
+
+        logger.info("initialising weights from HF %s (fresh optimizer, step 0)", ck.init_from_hf)
+        load_hf_into_model(ck.init_from_hf, model, cfg)
+        optimizer.reload_model_params()
     return TrainState()
 
 
