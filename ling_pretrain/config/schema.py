@@ -70,6 +70,11 @@ class ModelConfig:
     """Aux-loss-free balancing: a per-expert fp32 bias used only to select experts."""
     moe_router_bias_update_rate: float = 1e-3
     """Step size of the expert-bias update, applied once per global batch."""
+    moe_router_bias_update: str = "megatron"
+    """Expert-bias update rule, once per global batch from the routed-token counts ``c``
+    (summed over micro-batches and TP x CP x DP ranks): ``megatron`` adds
+    ``rate * sign(mean(c) - c_e)``; ``zero_mean`` (Ling's variant) subtracts the mean of that
+    step over the experts, so each layer's biases keep their mean."""
     moe_aux_loss_coeff: float = 0.0
     """Coefficient of the load-balancing auxiliary loss (Ling pretrains without it)."""
     moe_z_loss_coeff: float = 3.5e-6

@@ -283,6 +283,11 @@ def _check_model(cfg: Any, errors: list[str]) -> None:
         )
     if m.mtp_num_layers < 0:
         errors.append("model.mtp_num_layers must be >= 0.")
+    if m.moe_router_bias_update not in ("megatron", "zero_mean"):
+        errors.append(
+            f"model.moe_router_bias_update={m.moe_router_bias_update!r} must be 'megatron' "
+            "or 'zero_mean'."
+        )
 
 
 def _check_training(cfg: Any, errors: list[str]) -> None:

@@ -1,9 +1,20 @@
-"""MoE bookkeeping around megatron's gradient finalisation: expert-load statistics.
+"""MoE bookkeeping around megatron's gradient finalisation: expert load and the bias update.
 
 megatron-core updates the expert bias inside ``finalize_model_grads`` from each router's
-``local_tokens_per_expert`` and then zeroes those counts, so the load has to be read just
-before. The statistic is DeepSeek-V3's MaxVio: ``max_e(c_e) / mean(c) - 1`` per MoE layer
-(0 is perfect balance), averaged over layers, from the counts of the whole global batch.
+``local_tokens_per_expert`` (tokens routed to each expert during the global batch, counted by
+the router before any FP8 padding of the routing map) and then zeroes those counts, so
+everything that needs the counts runs just before it:
+
+* the load statistic, DeepSeek-V3's MaxVio ``max_e(c_e) / mean(c) - 1`` per MoE layer
+  (0 is perfect balance), averaged over layers;
+* Ling's zero-mean variant of the bias update. megatron-core's rule is
+  ``bias += rate * sign(mean(c) - c_e)``; Ling's framework subtracts the mean of that step
+  over the experts, ``bias += rate * (delta - mean(delta))``, so a layer's biases never drift
+  as a whole (with an odd number of over-loaded experts the plain rule moves them all).
+  megatron-core has no switch for it, so the wrapper records the biases and the global
+  counts, lets megatron run its own update, and then writes the zero-mean result over it.
+  Doing it this way (rather than replacing ``finalize_model_grads``) keeps every other part
+  of megatron's finalisation, whatever the release.
 """
 
 from __future__ import annotations
@@ -13,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+BIAS_UPDATES = ("megatron", "zero_mean")
 
 
 def _routers(model: list) -> list:
@@ -24,17 +37,37 @@ def _routers(model: list) -> list:
     ]
 
 
-def expert_load_max_violation(model: list, device: torch.device) -> float | None:
-    """MaxVio of the global batch so far, averaged over MoE layers. Collective over the world."""
+def global_expert_counts(routers: list) -> torch.Tensor | None:
+    """Tokens routed to each expert in the global batch so far, ``[layers, experts]`` (fp32).
+
+    Summed over micro-batches (the routers accumulate) and over the tensor x context x data
+    parallel group, as megatron-core does for its own update. Collective over that group;
+    None when this rank holds no router.
+    """
     from megatron.core import parallel_state as ps
 
-    routers = _routers(model)
+    if not routers:
+        return None
+    counts = torch.stack([r.local_tokens_per_expert.detach().float() for r in routers])
+    dist.all_reduce(counts, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
+    return counts
+
+
+def zero_mean_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
+    """Ling's update: ``bias + rate * (delta - mean(delta))``, ``delta = sign(mean(c) - c)``.
+
+    Works on ``[experts]`` or stacked ``[layers, experts]`` tensors (mean over the last dim).
+    """
+    delta = torch.sign(counts.mean(dim=-1, keepdim=True) - counts)
+    return bias + rate * (delta - delta.mean(dim=-1, keepdim=True))
+
+
+def max_violation(counts: torch.Tensor | None, device: torch.device) -> float | None:
+    """MaxVio averaged over MoE layers, from :func:`global_expert_counts`. Collective (world)."""
+    from megatron.core import parallel_state as ps
+
     stats = torch.zeros(2, dtype=torch.float64, device=device)
-    if routers:
-        counts = torch.stack([r.local_tokens_per_expert.detach().float() for r in routers])
-        dist.all_reduce(
-            counts, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
-        )
+    if counts is not None:
         mean = counts.mean(dim=1).clamp_min(1e-9)
         violation = counts.max(dim=1).values / mean - 1.0
         if (
@@ -42,17 +75,33 @@ def expert_load_max_violation(model: list, device: torch.device) -> float | None
             and ps.get_data_parallel_rank(with_context_parallel=True) == 0
         ):
             stats[0] = violation.sum()
-            stats[1] = len(routers)
+            stats[1] = counts.shape[0]
     dist.all_reduce(stats)
     return float(stats[0] / stats[1]) if stats[1] > 0 else None
 
 
-def make_finalize_model_grads(stats: dict, device: torch.device) -> Callable:
-    """megatron's ``finalize_model_grads`` that first records the expert load in ``stats``."""
+def make_finalize_model_grads(
+    stats: dict, device: torch.device, bias_update: str = "megatron"
+) -> Callable:
+    """megatron's ``finalize_model_grads``, recording the expert load in ``stats`` first and
+    applying the expert-bias rule ``bias_update`` (one of :data:`BIAS_UPDATES`)."""
     from megatron.core.distributed import finalize_model_grads
 
+    if bias_update not in BIAS_UPDATES:
+        raise ValueError(f"bias_update={bias_update!r} must be one of {BIAS_UPDATES}")
+
     def finalize(model: list, *args: Any, **kwargs: Any):
-        stats["expert_load_max_violation"] = expert_load_max_violation(model, device)
-        return finalize_model_grads(model, *args, **kwargs)
+        routers = _routers(model)
+        counts = global_expert_counts(routers)
+        stats["expert_load_max_violation"] = max_violation(counts, device)
+        if bias_update == "megatron" or counts is None:
+            return finalize_model_grads(model, *args, **kwargs)
+        before = [r.expert_bias.detach().clone() for r in routers]
+        result = finalize_model_grads(model, *args, **kwargs)
+        with torch.no_grad():
+            for router, bias, c in zip(routers, before, counts, strict=True):
+                rate = router.config.moe_router_bias_update_rate
+                router.expert_bias.copy_(zero_mean_bias(bias, c, rate))
+        return result
 
     return finalize

@@ -114,7 +114,9 @@ def setup(cfg: Any, layout: Layout, device: torch.device, save_dir: str) -> Trai
 
     config = chunks[0].config
     step_stats: dict = {}
-    config.finalize_model_grads_func = make_finalize_model_grads(step_stats, device)
+    config.finalize_model_grads_func = make_finalize_model_grads(
+        step_stats, device, cfg.model.moe_router_bias_update
+    )
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     if cfg.parallel.overlap_param_gather:

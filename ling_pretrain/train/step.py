@@ -32,12 +32,14 @@ def forward_step(data_iterator: Iterator[dict], model: Any):
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
+    # megatron uses the mask it is given for MTP only; the weight makes MTP a per-token mean
+    # over the global batch (see ling_pretrain.train.mtp).
     output = model(
         input_ids=tokens,
         position_ids=position_ids,
         attention_mask=None,
         labels=labels,
-        loss_mask=loss_mask,
+        loss_mask=loss_mask * batch.get("mtp_mask_weight", 1.0),
     )
     return output, partial(_loss_func, loss_mask)
 
@@ -78,6 +80,25 @@ def reduce_lm_loss(losses: list[dict], device: torch.device) -> tuple[float, int
     return (float(total[0] / total[1]) if tokens else float("nan")), tokens
 
 
+def weighted_microbatches(iters: list, num_microbatches: int, mtp_layers: int) -> list:
+    """This step's micro-batches, one iterator per model chunk, with MTP mask weights.
+
+    Reads the whole global batch first: the MTP weights need its token counts (collective
+    over the data-parallel group).
+    """
+    from megatron.core import parallel_state as ps
+
+    from ling_pretrain.train.mtp import mtp_mask_weights
+
+    batches = [[next(it) for _ in range(num_microbatches)] for it in iters]
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    weights = mtp_mask_weights(batches[0], mtp_layers, group)
+    for chunk_batches in batches:
+        for batch, w in zip(chunk_batches, weights, strict=True):
+            batch["mtp_mask_weight"] = w
+    return [iter(b) for b in batches]
+
+
 def train_step(parts: Any, num_microbatches: int) -> StepResult:
     """Run one global batch through forward/backward and step the optimizer and schedule."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -86,9 +107,10 @@ def train_step(parts: Any, num_microbatches: int) -> StepResult:
     for chunk in parts.model:
         chunk.zero_grad_buffer()
     parts.optimizer.zero_grad()
+    iters = weighted_microbatches(parts.train_iters, num_microbatches, cfg.model.mtp_num_layers)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=parts.train_iters,
+        data_iterator=iters,
         model=parts.model,
         num_microbatches=num_microbatches,
         seq_length=cfg.data.seq_length,

@@ -39,6 +39,7 @@ MODEL_RENAMES = {
     "rotary_percent": None,
     "rotary_base": None,
     "name": None,
+    "moe_router_bias_update": None,  # applied around finalize_model_grads (train/moe.py)
 }
 
 
