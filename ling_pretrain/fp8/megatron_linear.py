@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -193,6 +194,7 @@ def emulated_parallel_linear(
     wgrad_deferral_limit: int | None = 0,
     async_grad_allreduce: bool | None = None,
     tp_group: torch.distributed.ProcessGroup | None = None,
+    gtp_remat_size: int = 1,
     *,
     gemm: Gemm,
 ) -> torch.Tensor:
@@ -215,14 +217,15 @@ def emulated_parallel_linear(
         wgrad_deferral_limit: Ignored without ``grad_output_buffer``.
         async_grad_allreduce: Deprecated megatron argument; must be None.
         tp_group: The tensor-parallel group; megatron's default one if None.
+        gtp_remat_size: megatron-core 0.19's GTP weight-shard count; must be 1.
         gemm: ``(x, weight, bias) -> y``, differentiable.
 
     Returns:
         ``(s_total, b, out_local)``.
 
     Raises:
-        ValueError: For gradient accumulation fusion, a gradient output buffer, or
-            ``allreduce_dgrad`` together with ``sequence_parallel``.
+        ValueError: For gradient accumulation fusion, a gradient output buffer, GTP
+            weight sharding, or ``allreduce_dgrad`` together with ``sequence_parallel``.
     """
     if gradient_accumulation_fusion:
         raise ValueError(
@@ -233,6 +236,11 @@ def emulated_parallel_linear(
         raise ValueError(
             "FP8 emulation does not support deferred weight-gradient computation "
             "(grad_output_buffer) or the deprecated async_grad_allreduce argument"
+        )
+    if gtp_remat_size != 1:
+        raise ValueError(
+            f"FP8 emulation does not support GTP weight sharding (gtp_remat_size="
+            f"{gtp_remat_size}); turn GTP off for emulated runs"
         )
     if allreduce_dgrad and sequence_parallel:
         raise ValueError("allreduce_dgrad and sequence_parallel cannot both be set")
@@ -323,8 +331,19 @@ def _emulated_slot(slot: Any, emulation: FP8GemmEmulation, where: str) -> Module
     )
 
 
+def _submodules(spec: Any) -> Any:
+    """The submodules of a spec slot: a ``ModuleSpec``'s, or a ``functools.partial``'s.
+
+    megatron-core 0.19 specs some modules (the MLP, the MoE layer, experts) as
+    ``partial(cls_or_builder, submodules=...)`` instead of a ``ModuleSpec``.
+    """
+    if isinstance(spec, functools.partial):
+        return spec.keywords.get("submodules")
+    return getattr(spec, "submodules", None)
+
+
 def _convert_mlp(mlp_spec: Any, emulation: FP8GemmEmulation, where: str) -> None:
-    sub = getattr(mlp_spec, "submodules", None)
+    sub = _submodules(mlp_spec)
     if not isinstance(sub, MLPSubmodules):
         name = getattr(getattr(mlp_spec, "module", mlp_spec), "__name__", repr(mlp_spec))
         raise ValueError(
@@ -343,7 +362,7 @@ def _convert_transformer_layer(layer_spec: ModuleSpec, emulation: FP8GemmEmulati
     if not isinstance(sub, TransformerLayerSubmodules):
         raise ValueError(f"{where} is not a TransformerLayer spec: {type(sub).__name__}")
     attn = sub.self_attention
-    attn_sub = getattr(attn, "submodules", None)
+    attn_sub = _submodules(attn)
     if not isinstance(attn_sub, SelfAttentionSubmodules):
         raise ValueError(
             f"{where}.self_attention has submodules {type(attn_sub).__name__}; FP8 emulation "
@@ -355,7 +374,7 @@ def _convert_transformer_layer(layer_spec: ModuleSpec, emulation: FP8GemmEmulati
     attn_sub.linear_proj = _emulated_slot(
         attn_sub.linear_proj, emulation, f"{where}.self_attention.linear_proj"
     )
-    mlp_sub = getattr(sub.mlp, "submodules", None)
+    mlp_sub = _submodules(sub.mlp)
     if isinstance(mlp_sub, MoESubmodules):
         _convert_mlp(mlp_sub.experts, emulation, f"{where}.mlp.experts")
         if mlp_sub.shared_experts is not None:
@@ -439,8 +458,12 @@ def emulated_fp8_layer_specs(
         for i, spec in enumerate(mtp_spec.layer_specs):
             layer = copy.copy(spec)
             sub = copy.copy(spec.submodules)
-            sub.transformer_layer = _convert_transformer_layer(
-                sub.transformer_layer, emulation, f"MTP layer {i} transformer_layer"
+            # megatron-core 0.19 renamed the MTP layer's ``transformer_layer`` slot.
+            slot = "transformer_layer" if hasattr(sub, "transformer_layer") else "mtp_model_layer"
+            setattr(
+                sub,
+                slot,
+                _convert_transformer_layer(getattr(sub, slot), emulation, f"MTP layer {i} {slot}"),
             )
             if not fp8_cfg.mtp_projections_bf16:
                 sub.eh_proj = _emulated_slot(sub.eh_proj, emulation, f"MTP layer {i} eh_proj")

@@ -343,7 +343,13 @@ def test_model_emulates_exactly_the_fp8_linears(
         + overrides
     )
     (model,) = build_model(cfg)
-    expected = _fp8_linears("mtp.layers.0.transformer_layer", moe=True)
+    # megatron-core 0.19 renamed the MTP layer's transformer_layer to mtp_model_layer.
+    mtp_layer = (
+        "transformer_layer"
+        if hasattr(model.mtp.layers[0], "transformer_layer")
+        else "mtp_model_layer"
+    )
+    expected = _fp8_linears(f"mtp.layers.0.{mtp_layer}", moe=True)
     for i in set(range(4)) - set(bf16_layers):
         expected |= _fp8_linears(f"decoder.layers.{i}", moe=i > 0)
     if eh_proj_fp8:
@@ -392,7 +398,13 @@ def test_spec_conversion_copies_shared_specs_and_passes_the_recipe(world_of_one)
     config = _megatron_config()
     block, mtp = build_layer_specs(config, use_te=False)
     assert block.layer_specs[2] is block.layer_specs[3]
-    assert mtp.layer_specs[0].submodules.transformer_layer is block.layer_specs[3]
+    # megatron-core 0.19 renamed the MTP layer's transformer_layer to mtp_model_layer.
+    slot = (
+        "transformer_layer"
+        if hasattr(mtp.layer_specs[0].submodules, "transformer_layer")
+        else "mtp_model_layer"
+    )
+    assert getattr(mtp.layer_specs[0].submodules, slot) is block.layer_specs[3]
     new_block, new_mtp = emulated_fp8_layer_specs(block, mtp, config, fp8)
 
     def qkv(layer_spec):
@@ -404,7 +416,7 @@ def test_spec_conversion_copies_shared_specs_and_passes_the_recipe(world_of_one)
         assert qkv(new_block.layer_specs[i]).params["fp8_emulation"] == TensorwiseEmulation()
     # The MTP layer copies the last decoder layer's spec but runs in FP8 regardless.
     mtp_layer = new_mtp.layer_specs[0].submodules
-    assert qkv(mtp_layer.transformer_layer).module is _classes()["column"][1]
+    assert qkv(getattr(mtp_layer, slot)).module is _classes()["column"][1]
     assert mtp_layer.eh_proj is ColumnParallelLinear
 
 
