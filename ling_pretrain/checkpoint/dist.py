@@ -28,25 +28,30 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ling_pretrain.optim.adam8bit import Adam8bit, fp32_moments, inner_optimizers
+
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 STATE_FILE = "train_state.json"
 
 
-def optimizer_metadata() -> dict:
+def optimizer_metadata(optimizer: Any = None) -> dict:
     """How megatron's distributed optimizer lays out its state in a checkpoint.
 
     ``fully_reshardable`` keys optimizer states by parameter, so a checkpoint resumes under
     any TP/PP/EP/DP layout. megatron-core cannot load that format into torch's AdamW (its
-    fallback without apex or TransformerEngine): it copies every per-parameter state key,
-    including the ``step`` that format does not save. With that fallback we use
-    ``dp_reshardable``, which resumes across data-parallel sizes only; weights (and
-    ``checkpoint.init_from``) reshard across every layout either way.
+    fallback without apex or TransformerEngine) or into our 8-bit Adam, which keeps the same
+    per-parameter ``step``: it copies every per-parameter state key, including the ``step``
+    that format does not save. With those we use ``dp_reshardable``, which resumes across
+    data-parallel sizes only; weights (and ``checkpoint.init_from``) reshard across every
+    layout either way.
     """
     from megatron.core.optimizer import distrib_optimizer
 
-    kind = "fully_reshardable" if distrib_optimizer.HAVE_APEX_OR_TE else "dp_reshardable"
+    eight_bit = any(isinstance(o, Adam8bit) for o in inner_optimizers(optimizer))
+    full = distrib_optimizer.HAVE_APEX_OR_TE and not eight_bit
+    kind = "fully_reshardable" if full else "dp_reshardable"
     return {"distrib_optim_sharding_type": kind, "chained_optim_avoid_prefix": True}
 
 
@@ -138,10 +143,14 @@ def save_checkpoint(
         partial.mkdir()
     dist.barrier()
     sharded = model_sharded_state_dict(model)
-    if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=optimizer_metadata())
-        sharded["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(sharded, str(partial))
+    # 8-bit Adam moments are written as fp32 (plain Adam's format); the 8-bit state is kept.
+    with fp32_moments(optimizer, loading=False):
+        if optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                sharded, metadata=optimizer_metadata(optimizer)
+            )
+            sharded["scheduler"] = scheduler.state_dict()
+        dist_checkpointing.save(sharded, str(partial))
     dist.barrier()
     if dist.get_rank() == 0:
         record = asdict(state) | {"weights_only": optimizer is None}
@@ -222,7 +231,7 @@ def _restore_adam_steps(optimizer: Any) -> None:
     import torch
 
     for inner in _inner_optimizers(optimizer):
-        if not isinstance(inner, torch.optim.Adam):
+        if not isinstance(inner, (torch.optim.Adam, Adam8bit)):
             continue
         for group in inner.param_groups:
             if group.get("step") is None:
@@ -253,19 +262,22 @@ def load_checkpoint(
     sharded = model_sharded_state_dict(model)
     if optimizer is not None:
         _prime_adam_state(optimizer)
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded, is_loading=True, metadata=optimizer_metadata()
-        )
-    state_dict = dist_checkpointing.load(sharded, str(ckpt))
-    for i, m in enumerate(model):
-        _unwrap(m).load_state_dict(state_dict[_model_key(i, len(model))], strict=True)
-    if optimizer is None:
-        return TrainState()
-    import torch
+    # 8-bit Adam shows fp32 moments while megatron loads into them, and encodes them after.
+    with fp32_moments(optimizer, loading=True):
+        if optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                sharded, is_loading=True, metadata=optimizer_metadata(optimizer)
+            )
+        state_dict = dist_checkpointing.load(sharded, str(ckpt))
+        for i, m in enumerate(model):
+            _unwrap(m).load_state_dict(state_dict[_model_key(i, len(model))], strict=True)
+        if optimizer is None:
+            return TrainState()
+        import torch
 
-    with torch.no_grad():  # copies into fp32 master weights, which are leaves requiring grad
-        optimizer.load_state_dict(state_dict["optimizer"])
-    _restore_adam_steps(optimizer)
+        with torch.no_grad():  # copies into fp32 master weights, which are leaves requiring grad
+            optimizer.load_state_dict(state_dict["optimizer"])
+        _restore_adam_steps(optimizer)
     if scheduler is not None and "scheduler" in state_dict:
         scheduler.load_state_dict(state_dict["scheduler"])
     return TrainState(**saved)

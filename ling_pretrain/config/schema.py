@@ -147,7 +147,9 @@ class OptimizerConfig:
     """AdamW and its learning-rate schedule."""
 
     optimizer: str = "adam"
-    """Optimizer: ``adam`` (decoupled weight decay, i.e. AdamW)."""
+    """``adam`` (AdamW, fp32 moments) or ``adam8bit`` (AdamW with both moments in 8-bit
+    blockwise codes: 2.03 bytes per parameter instead of 8; Ling's choice). Checkpoints hold
+    fp32 moments either way, so a run can switch between them on resume."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr: float = 1e-4
@@ -168,6 +170,21 @@ class OptimizerConfig:
     """Decay after warm-up: ``constant``, ``linear``, ``cosine`` or ``WSD``."""
     lr_decay_steps: int | None = None
     """Steps over which the rate decays to ``min_lr``; null means ``trainer.max_steps``."""
+    use_precision_aware_optimizer: bool = False
+    """megatron-core's precision-aware optimizer: TransformerEngine's FusedAdam keeps master
+    weights, gradients and moments in the dtypes below (CUDA + TE only; needs
+    ``parallel.use_distributed_optimizer``; not with ``adam8bit``)."""
+    main_grads_dtype: str = "fp32"
+    """Dtype of the optimizer's gradients with the precision-aware optimizer: ``fp32`` or
+    ``bf16``."""
+    main_params_dtype: str = "fp32"
+    """Dtype of the master weights with the precision-aware optimizer: ``fp32`` or ``fp16``."""
+    exp_avg_dtype: str = "fp32"
+    """Dtype of Adam's first moment with the precision-aware optimizer: ``fp32``, ``fp16``,
+    ``bf16`` or ``fp8``."""
+    exp_avg_sq_dtype: str = "fp32"
+    """Dtype of Adam's second moment with the precision-aware optimizer: ``fp32``, ``fp16``,
+    ``bf16`` or ``fp8``."""
 
 
 @dataclass(kw_only=True)

@@ -16,6 +16,7 @@ FP8_RECIPES = ("bf16", "blockwise", "blockwise_fp8_params", "tensorwise", "mxfp8
 PARAMS_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DISPATCHERS = ("alltoall", "allgather", "flex")
 DATA_SOURCES = ("indexed", "mock", "builtin")
+OPTIMIZERS = ("adam", "adam8bit")
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 RECOMPUTE = (None, "full", "selective")
 GIB = 1024**3
@@ -301,8 +302,12 @@ def _check_training(cfg: Any, errors: list[str]) -> None:
             f"trainer.recompute_granularity={t.recompute_granularity!r} must be null, 'full' or "
             "'selective'."
         )
-    if o.optimizer != "adam":
-        errors.append(f"optimizer.optimizer={o.optimizer!r}: only 'adam' (AdamW) is available.")
+    if o.optimizer not in OPTIMIZERS:
+        errors.append(
+            f"optimizer.optimizer={o.optimizer!r} must be 'adam' (AdamW) or 'adam8bit' (AdamW "
+            "with 8-bit moments)."
+        )
+    _check_precision_aware(cfg, errors)
     if o.lr_decay_style not in DECAY_STYLES:
         errors.append(
             f"optimizer.lr_decay_style={o.lr_decay_style!r} must be one of {', '.join(DECAY_STYLES)}."
@@ -352,6 +357,38 @@ def _check_training(cfg: Any, errors: list[str]) -> None:
         errors.extend(hf_dir_problems(cfg.checkpoint.init_from_hf, cfg.model))
 
 
+def _check_precision_aware(cfg: Any, errors: list[str]) -> None:
+    o = cfg.optimizer
+    fields = {
+        "main_grads_dtype": ("fp32", "bf16"),
+        "main_params_dtype": ("fp32", "fp16"),
+        "exp_avg_dtype": ("fp32", "fp16", "bf16", "fp8"),
+        "exp_avg_sq_dtype": ("fp32", "fp16", "bf16", "fp8"),
+    }
+    for name, allowed in fields.items():
+        value = getattr(o, name)
+        if value not in allowed:
+            errors.append(f"optimizer.{name}={value!r} must be one of {', '.join(allowed)}.")
+        elif value != "fp32" and not o.use_precision_aware_optimizer:
+            errors.append(
+                f"optimizer.{name}={value} takes effect only with the precision-aware optimizer; "
+                "set optimizer.use_precision_aware_optimizer=true (CUDA + TransformerEngine) or "
+                f"leave {name}=fp32."
+            )
+    if not o.use_precision_aware_optimizer:
+        return
+    if o.optimizer != "adam":
+        errors.append(
+            f"optimizer.use_precision_aware_optimizer=true needs optimizer.optimizer=adam (TE's "
+            f"FusedAdam), not {o.optimizer!r}; adam8bit already stores its moments in 8 bits."
+        )
+    if not cfg.parallel.use_distributed_optimizer:
+        errors.append(
+            "optimizer.use_precision_aware_optimizer=true needs "
+            "parallel.use_distributed_optimizer=true."
+        )
+
+
 def _check_hardware(cfg: Any, world_size: int, hw: Hardware, errors: list[str]) -> None:
     p, f = cfg.parallel, cfg.fp8
     requested = cfg.run.device
@@ -370,6 +407,13 @@ def _check_hardware(cfg: Any, world_size: int, hw: Hardware, errors: list[str]) 
         errors.append(
             "parallel.moe_token_dispatcher_type=flex needs CUDA GPUs with DeepEP and "
             "TransformerEngine; use alltoall."
+        )
+    if cfg.optimizer.use_precision_aware_optimizer and not (on_gpu and hw.has_transformer_engine):
+        errors.append(
+            "optimizer.use_precision_aware_optimizer=true needs TransformerEngine's FusedAdam on "
+            "CUDA GPUs; this machine has "
+            + ("no CUDA device" if not on_gpu else "no importable transformer_engine")
+            + ". Use optimizer=adam8bit for 8-bit moments without TE, or turn it off."
         )
     if f.recipe not in FP8_RECIPES:
         errors.append(f"fp8.recipe={f.recipe!r} is not one of {', '.join(FP8_RECIPES)}.")
@@ -446,7 +490,8 @@ def estimate_state_bytes(cfg: Any, world_size: int) -> int:
     local_experts = experts / (layout.ep * layout.etp * layout.pp)
     param_bytes = PARAMS_DTYPES.get(cfg.trainer.params_dtype, 4)
     per_param = param_bytes + 4  # weight + fp32 grad
-    opt = 8 + (0 if param_bytes == 4 else 4)
+    moments = 2 + 2 * 4 / 256 if cfg.optimizer.optimizer == "adam8bit" else 8
+    opt = moments + (0 if param_bytes == 4 else 4)
     dense_opt_shard = layout.dp * layout.cp if cfg.parallel.use_distributed_optimizer else 1
     expert_opt_shard = layout.expert_dp if cfg.parallel.use_distributed_optimizer else 1
     total = local_dense * (per_param + opt / dense_opt_shard) + local_experts * (

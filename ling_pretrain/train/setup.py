@@ -13,7 +13,8 @@ from ling_pretrain.checkpoint.dist import TrainState, find_latest, load_checkpoi
 from ling_pretrain.config.validate import Layout
 from ling_pretrain.data.gpt import build_datasets, data_cache_dir, make_loader, resolve_data
 from ling_pretrain.models.ling.builder import build_model
-from ling_pretrain.models.ling.mcore_config import build_ddp_config, build_optimizer_config
+from ling_pretrain.models.ling.mcore_config import build_ddp_config
+from ling_pretrain.optim.build import build_optimizer
 from ling_pretrain.train.moe import make_finalize_model_grads
 
 logger = logging.getLogger(__name__)
@@ -105,11 +106,10 @@ def _restore(cfg: Any, model: list, optimizer: Any, scheduler: Any, save_dir: st
 def setup(cfg: Any, layout: Layout, device: torch.device, save_dir: str) -> TrainParts:
     """Build model, optimizer, schedule and data for this rank, restoring a checkpoint."""
     from megatron.core import parallel_state as ps
-    from megatron.core.optimizer import get_megatron_optimizer
 
     chunks = build_model(cfg)
     model = wrap_ddp(cfg, chunks)
-    optimizer = get_megatron_optimizer(build_optimizer_config(cfg), model)
+    optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
 
     config = chunks[0].config

@@ -171,14 +171,21 @@ def build_ddp_config(cfg: Any):
     )
 
 
-def build_optimizer_config(cfg: Any):
-    """megatron-core ``OptimizerConfig`` for a job config."""
-    from megatron.core.optimizer import OptimizerConfig
+OPTIMIZER_DTYPES = {**DTYPES, "fp8": torch.uint8}
+"""Precision-aware optimizer dtypes; megatron-core (and TE's FusedAdam) spell FP8 moments
+``torch.uint8``."""
 
+
+def optimizer_config_kwargs(cfg: Any) -> dict[str, Any]:
+    """Keyword arguments of megatron-core's ``OptimizerConfig`` for a job config.
+
+    ``adam8bit`` is megatron's ``adam`` here: megatron builds its (distributed) optimizer
+    around an inner Adam, which :func:`ling_pretrain.optim.build_optimizer` then swaps.
+    """
     o, t = cfg.optimizer, cfg.trainer
     dtype = DTYPES[t.params_dtype]
-    return OptimizerConfig(
-        optimizer=o.optimizer,
+    return dict(
+        optimizer="adam" if o.optimizer == "adam8bit" else o.optimizer,
         lr=o.lr,
         min_lr=o.min_lr,
         weight_decay=o.weight_decay,
@@ -191,4 +198,16 @@ def build_optimizer_config(cfg: Any):
         params_dtype=dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_precision_aware_optimizer=o.use_precision_aware_optimizer,
+        main_grads_dtype=OPTIMIZER_DTYPES[o.main_grads_dtype],
+        main_params_dtype=OPTIMIZER_DTYPES[o.main_params_dtype],
+        exp_avg_dtype=OPTIMIZER_DTYPES[o.exp_avg_dtype],
+        exp_avg_sq_dtype=OPTIMIZER_DTYPES[o.exp_avg_sq_dtype],
     )
+
+
+def build_optimizer_config(cfg: Any):
+    """megatron-core ``OptimizerConfig`` for a job config."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(**optimizer_config_kwargs(cfg))
