@@ -111,6 +111,13 @@ def hf_to_mcore(args: argparse.Namespace, overrides: list[str]) -> None:
     from ling_pretrain.runtime.distributed import destroy_distributed, world_size_from_env
 
     hf = read_hf_config(args.hf_dir)
+    out = Path(args.out_dir)
+    latest = out / "latest"
+    if latest.is_file() and latest.read_text().strip() != "iter_0000000":
+        raise SystemExit(
+            f"{out} already holds training checkpoints (latest: {latest.read_text().strip()}); "
+            "write the converted checkpoint to a new directory."
+        )
     dtype = args.dtype or {"float32": "fp32", "float16": "fp16"}.get(
         str(hf.get("torch_dtype")), "bf16"
     )
@@ -128,7 +135,6 @@ def hf_to_mcore(args: argparse.Namespace, overrides: list[str]) -> None:
     _say(f"building {cfg.model.name} ({cfg.trainer.params_dtype}) and loading {args.hf_dir}")
     chunks = build_model(cfg)
     load_hf_into_model(args.hf_dir, chunks, cfg)
-    out = Path(args.out_dir)
     _say(f"saving the megatron checkpoint to {out}")
     path = save_checkpoint(str(out), TrainState(), chunks, optimizer=None)
     if dist.get_rank() == 0:

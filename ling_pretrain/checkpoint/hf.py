@@ -969,6 +969,7 @@ class _ShardWriter:
             return
         name = f"part-rank{self.rank:05d}-{len(self.files):05d}.safetensors"
         save_file(self.pending, str(self.out / name), metadata={"format": "pt"})
+        logger.info("wrote %s (%d tensors, %.1f MB)", name, len(self.pending), self.size / 1e6)
         self.files.append(name)
         self.weight_map.update({k: name for k in self.pending})
         self.pending, self.size = {}, 0
