@@ -1,0 +1,1 @@
+"""Evaluation of a checkpoint: losses, perplexity and logits (see :mod:`.evaluate`)."""
