@@ -21,7 +21,11 @@ megatron's real router, dispatcher, padding, permutation, experts and unpermutat
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +45,14 @@ def world_of_one() -> Iterator[None]:
     init_distributed(compose(CONFIG))
     yield
     destroy_distributed()
+
+
+def _assert_unchanged(plain: dict, padded: dict) -> None:
+    for what in ("output", "input grad"):
+        assert torch.equal(plain[what], padded[what]), what
+    assert plain["grads"].keys() == padded["grads"].keys()
+    for name, grad in plain["grads"].items():
+        assert torch.equal(grad, padded["grads"][name]), name
 
 
 def _moe_layer(*overrides: str):
@@ -70,7 +82,7 @@ def _padding(config, recipe: str) -> Iterator[int]:
             setattr(config, name, value)
 
 
-def _run(layer) -> dict:
+def _run(layer, seed: int = 0) -> dict:
     """One forward and backward of ``layer`` on fixed data; what the experts saw, and grads."""
     seen = {}
 
@@ -78,7 +90,7 @@ def _run(layer) -> dict:
         seen["tokens_per_expert"] = args[1].detach().clone().long()
         seen["probs"] = args[2].detach().clone()
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(SEQ, BATCH, HIDDEN, generator=gen).requires_grad_()
     dy = torch.randn(SEQ, BATCH, HIDDEN, generator=gen)
     layer.zero_grad(set_to_none=True)
@@ -101,11 +113,15 @@ def _run(layer) -> dict:
     }
 
 
-def _check_padding(plain: dict, padded: dict, align: int) -> None:
+def _check_padding(plain: dict, padded: dict, align: int, senders: int = 1) -> None:
+    """Counts aligned, padded entries exactly the probability-0 ones, bias counts unchanged.
+
+    ``senders``: ranks whose (each padded) tokens reach these experts (the EP size).
+    """
     before, after = plain["tokens_per_expert"], padded["tokens_per_expert"]
     assert (before % align != 0).any(), before  # padding really happens
     assert (after % align == 0).all(), after
-    assert ((after - before >= 0) & (after - before < align)).all(), (before, after)
+    assert ((after - before >= 0) & (after - before < senders * align)).all(), (before, after)
     # The padded entries, and only they, carry probability 0.
     zero = [int((p == 0).sum()) for p in torch.split(padded["probs"], after.tolist())]
     assert zero == (after - before).tolist()
@@ -121,11 +137,7 @@ def test_padding_aligns_expert_tokens_and_changes_no_number(world_of_one, recipe
         padded = _run(layer)
     assert align == ALIGN[recipe]
     _check_padding(plain, padded, align)
-    for what in ("output", "input grad"):
-        assert torch.equal(plain[what], padded[what]), what
-    assert plain["grads"].keys() == padded["grads"].keys()
-    for name, grad in plain["grads"].items():
-        assert torch.equal(grad, padded["grads"][name]), name
+    _assert_unchanged(plain, padded)
 
 
 @pytest.mark.parametrize("recipe", sorted(ALIGN))
@@ -172,3 +184,54 @@ def test_padding_changes_per_tensor_scales(world_of_one):
     diff = (plain["output"] - padded["output"]).abs().max()
     # Different rounding, within E4M3's 2^-4 relative step of each product.
     assert 0 < diff < 0.1 * plain["output"].abs().max()
+
+
+@pytest.mark.distributed
+def test_padding_under_expert_parallelism():
+    """EP2 (alltoall between two gloo processes): each rank pads its own routing map."""
+    from tests.conftest import REPO, subprocess_env
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(Path(__file__).resolve()),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    for recipe in sorted(ALIGN):
+        for rank in (0, 1):
+            assert f"ok ep2 {recipe} rank {rank}" in proc.stdout, proc.stdout
+
+
+def _worker() -> None:
+    """Each rank routes its own tokens to 4 local experts of 8; the counts reaching an
+    expert are the sum of both ranks' padded counts."""
+    import torch.distributed as dist
+
+    from ling_pretrain.runtime.distributed import destroy_distributed, init_distributed
+
+    ep2 = "parallel.expert_model_parallel_size=2"
+    init_distributed(compose([*CONFIG, ep2]))
+    try:
+        rank = dist.get_rank()
+        layer = _moe_layer(ep2)
+        assert layer.num_local_experts == 4
+        for recipe in sorted(ALIGN):
+            plain = _run(layer, seed=rank)
+            with _padding(layer.config, recipe) as align:
+                padded = _run(layer, seed=rank)
+            _check_padding(plain, padded, align, senders=2)
+            _assert_unchanged(plain, padded)
+            print(f"ok ep2 {recipe} rank {rank}", flush=True)
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    _worker()
