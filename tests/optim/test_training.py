@@ -74,3 +74,26 @@ def test_8bit_adam_resumes_a_plain_adam_checkpoint(tmp_path):
     # Step 5 follows from the loaded fp32 moments and step, rounded to 8 bits: close to
     # fp32 Adam's own continuation.
     assert e[4]["loss"] == pytest.approx(r[4]["loss"], rel=REL_8BIT)
+
+
+def test_resume_is_exact_without_the_distributed_optimizer_in_bf16(tmp_path):
+    # megatron's Float16OptimizerWithFloat16Params: whole fp32 master tensors, not shards.
+    common = [
+        *TINY,
+        "optimizer.optimizer=adam8bit",
+        "trainer.params_dtype=bf16",
+        "parallel.use_distributed_optimizer=false",
+        "optimizer.lr_warmup_steps=1",
+        "optimizer.lr_decay_style=linear",
+        "optimizer.min_lr=1e-4",
+        "optimizer.lr_decay_steps=4",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_pretrain(straight, [*common, "trainer.max_steps=4"])
+    run_pretrain(resumed, [*common, "trainer.max_steps=2"])
+    run_pretrain(resumed, [*common, "trainer.max_steps=4"])
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        for key in KEYS:
+            assert rb[key] == ra[key], (ra["step"], key)
