@@ -26,28 +26,43 @@ def mcore_tp2(hf_tiny, tmp_path_factory) -> Path:
     return out
 
 
+def _assert_bf16_of(source: dict, exported: dict) -> None:
+    """Each weight is the source rounded to bf16; the expert bias is the source's fp32 value."""
+    assert source.keys() == exported.keys()
+    for key, value in source.items():
+        if key.endswith("expert_bias"):
+            assert exported[key].dtype == torch.float32 and torch.equal(exported[key], value)
+        else:
+            assert exported[key].dtype == torch.bfloat16
+            assert torch.equal(exported[key], value.to(torch.bfloat16)), key
+
+
 @pytest.mark.parametrize(
-    "import_layout,import_nproc,export_layout,export_nproc",
+    "import_layout,export_layout,dtype",
     [
-        (None, 2, ["--ep", "2"], 2),  # TP2+SP import (fixture) -> EP2 export
-        # TP2 x EP2 import -> PP2 + VPP2 export (MTP and its embedding copy on the last stage)
-        (["--tp", "2", "--ep", "2"], 2, ["--pp", "2", "--vpp", "2"], 2),
+        (None, ["--ep", "2"], "fp32"),  # TP2+SP import (fixture) -> EP2 export
+        # bf16 params, TP2 x EP2 import -> PP2 + VPP2 export (MTP and its embedding copy on
+        # the last stage)
+        (["--tp", "2", "--ep", "2"], ["--pp", "2", "--vpp", "2"], "bf16"),
     ],
-    ids=["tp2-to-ep2", "tp2ep2-to-pp2vpp2"],
+    ids=["fp32-tp2-to-ep2", "bf16-tp2ep2-to-pp2vpp2"],
 )
 def test_round_trip_across_layouts(
-    hf_tiny, mcore_tp2, tmp_path, import_layout, import_nproc, export_layout, export_nproc
+    hf_tiny, mcore_tp2, tmp_path, import_layout, export_layout, dtype
 ):
     if import_layout is None:
         mcore = mcore_tp2
     else:
         mcore = tmp_path / "mcore"
-        args = ["hf-to-mcore", "--hf-dir", str(hf_tiny), "--out-dir", str(mcore)]
-        run_convert([*args, *import_layout], nproc=import_nproc)
+        args = ["hf-to-mcore", "--hf-dir", str(hf_tiny), "--out-dir", str(mcore), "--dtype", dtype]
+        run_convert([*args, *import_layout], nproc=2)
     back = tmp_path / "hf"
-    args = ["mcore-to-hf", "--checkpoint", str(mcore), "--out-dir", str(back), "--dtype", "fp32"]
-    run_convert([*args, *export_layout], nproc=export_nproc)
-    assert_same_tensors(read_all(hf_tiny), read_all(back))
+    args = ["mcore-to-hf", "--checkpoint", str(mcore), "--out-dir", str(back), "--dtype", dtype]
+    run_convert([*args, *export_layout], nproc=2)
+    if dtype == "fp32":
+        assert_same_tensors(read_all(hf_tiny), read_all(back))
+    else:
+        _assert_bf16_of(read_all(hf_tiny), read_all(back))
 
 
 def test_bf16_export_at_tp2_ep2(hf_tiny, mcore_tp2, tmp_path):
@@ -56,14 +71,7 @@ def test_bf16_export_at_tp2_ep2(hf_tiny, mcore_tp2, tmp_path):
     out = tmp_path / "bf16"
     args = ["mcore-to-hf", "--checkpoint", str(mcore_tp2), "--out-dir", str(out), "--dtype", "bf16"]
     run_convert([*args, "--tp", "2", "--ep", "2"], nproc=2)
-    source, exported = read_all(hf_tiny), read_all(out)
-    assert source.keys() == exported.keys()
-    for key, value in source.items():
-        if key.endswith("expert_bias"):
-            assert exported[key].dtype == torch.float32 and torch.equal(exported[key], value)
-        else:
-            assert exported[key].dtype == torch.bfloat16
-            assert torch.equal(exported[key], value.to(torch.bfloat16)), key
+    _assert_bf16_of(read_all(hf_tiny), read_all(out))
 
 
 def test_hf_to_mcore_refuses_mismatching_preset(hf_tiny, tmp_path):
