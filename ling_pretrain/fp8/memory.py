@@ -16,7 +16,8 @@ again. Ling 2.0's memory work removes these costs one by one:
 * **FP8 primary weights** (megatron ``fp8_param``, our ``fp8.fp8_param_gather`` or recipe
   ``blockwise_fp8_params``) make the FP8 copy the model's weight, so the BF16 weight goes
   (the FP32 master copy in the optimizer stays);
-* **8-bit Adam** (bitsandbytes blockwise, Ling's "FP8 optimizer") stores each moment in
+* **8-bit Adam** (``optimizer=adam8bit``, :mod:`ling_pretrain.optim`; bitsandbytes' blockwise
+  layout, Ling's "FP8 optimizer") stores each moment in
   one byte plus an fp32 absmax per 256 values instead of four bytes.
 
 :func:`memory_breakdown` counts the bytes one GPU holds for these *model states* under a
@@ -120,7 +121,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adam", "adam8bit", "adam_bf16_moments")
-"""Optimizer kinds the model knows: fp32 Adam moments, bitsandbytes 8-bit blockwise moments,
+"""Optimizer kinds the model knows: fp32 Adam moments, 8-bit blockwise moments (``adam8bit``),
 bf16 moments (megatron's precision-aware optimizer)."""
 
 ITEMS = (
@@ -140,9 +141,11 @@ shared expert, MTP layer); every other parameter (embedding, lm_head, router, no
 weights kept in BF16 by ``fp8.first_last_layers_bf16`` or ``fp8.mtp_projections_bf16``)."""
 
 BNB_BLOCK = 256
-"""Values per fp32 absmax of bitsandbytes' blockwise 8-bit optimizer states."""
+"""Values per fp32 absmax of the 8-bit optimizer states (``ling_pretrain.optim.quant.BLOCK``,
+as in bitsandbytes)."""
 BNB_MIN_8BIT_SIZE = 4096
-"""Tensors with fewer elements keep 32-bit optimizer states (bitsandbytes ``min_8bit_size``)."""
+"""Tensors with fewer elements keep 32-bit optimizer states
+(``ling_pretrain.optim.MIN_8BIT_NUMEL``, bitsandbytes' ``min_8bit_size``)."""
 FP8_BLOCK = 128
 """Side of TE's square weight blocks in the blockwise recipe."""
 MX_BLOCK = 32

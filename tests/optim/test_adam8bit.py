@@ -144,3 +144,17 @@ def test_loads_plain_adamw_state_and_plain_adamw_loads_it():
     back = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], **HYPER)
     back.load_state_dict(sd)
     assert torch.equal(back.state_dict()["state"][0]["exp_avg"], sd["state"][0]["exp_avg"])
+
+
+def test_memory_model_uses_this_optimizers_layout():
+    from ling_pretrain.fp8 import memory
+    from ling_pretrain.optim.quant import BLOCK
+
+    assert memory.BNB_BLOCK == BLOCK and memory.BNB_MIN_8BIT_SIZE == MIN_8BIT_NUMEL
+    # The memory model's bytes per shard equal the state this optimizer really holds.
+    params = _params(1_000_003, MIN_8BIT_NUMEL, MIN_8BIT_NUMEL - 1)
+    opt = Adam8bit(params, **HYPER)
+    _steps([(opt, params)], 1)
+    for p in params:
+        held = sum(v.numel() * v.element_size() for k, v in opt.state[p].items() if k != "step")
+        assert held == memory._adam_state_bytes("adam8bit", p.numel())
