@@ -119,3 +119,50 @@ def test_expected_keys_cover_dense_moe_and_mtp():
     assert "model.layers.5.input_layernorm.weight" not in keys
     per_moe_layer = 4 + 2 + 2 + 8 * 3 + 3  # norms, attention, gate + bias, experts, shared
     assert len(keys) == 3 + (4 + 2 + 3) + 3 * per_moe_layer + (4 + per_moe_layer)
+
+
+def test_layout_free_names_including_transformer_engine_spellings():
+    """Local layer/expert numbers become global ones and TE's fused names the local spec's
+    (the TE layers themselves only exist on GPUs; this checks the name logic)."""
+    from types import SimpleNamespace as NS
+
+    layer = NS(layer_number=3, mlp=NS(experts=NS(num_local_experts=4)))
+    chunk = NS(decoder=NS(layers=[layer]), mtp=NS(layers=[NS(transformer_layer=layer)]))
+    cases = {
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": (
+            "decoder.layers.2.input_layernorm.weight",
+            ("model.layers.2.input_layernorm.weight",),
+        ),
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": (
+            "decoder.layers.2.pre_mlp_layernorm.weight",
+            ("model.layers.2.post_attention_layernorm.weight",),
+        ),
+        "decoder.layers.0.mlp.experts.linear_fc2.weight3": (  # TE grouped GEMM, EP rank 1
+            "decoder.layers.2.mlp.experts.7.linear_fc2.weight",
+            ("model.layers.2.mlp.experts.7.down_proj.weight",),
+        ),
+        "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight": (
+            "decoder.layers.2.mlp.experts.7.linear_fc1.weight",
+            (
+                "model.layers.2.mlp.experts.7.gate_proj.weight",
+                "model.layers.2.mlp.experts.7.up_proj.weight",
+            ),
+        ),
+        "mtp.layers.0.transformer_layer.self_attention.linear_qkv.layer_norm_weight": (
+            "mtp.layers.0.transformer_layer.input_layernorm.weight",
+            ("model.layers.4.input_layernorm.weight",),
+        ),
+        "mtp.layers.0.eh_proj.weight": (
+            "mtp.layers.0.eh_proj.weight",
+            ("model.layers.4.eh_proj.weight",),
+        ),
+    }
+    for local, (canonical, keys) in cases.items():
+        assert hf.canonical_name(local, chunk, ep_rank=1) == canonical
+        assert hf.map_canonical(canonical, num_layers=4).hf_keys == keys
+    assert (
+        hf.canonical_name("decoder.layers.0.self_attention.linear_qkv._extra_state", chunk, 1)
+        is None
+    )
+    with pytest.raises(KeyError):
+        hf.map_canonical("decoder.layers.0.mlp.unknown.weight", 4)
