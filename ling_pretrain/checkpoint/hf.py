@@ -711,11 +711,15 @@ def canonical_name(local: str, chunk: Any, ep_rank: int) -> str | None:
         index = layer.layer_number - 1
         prefix = f"decoder.layers.{index}."
     else:
-        layer = chunk.mtp.layers[idx].transformer_layer
+        # megatron-core 0.19 renamed the MTP layer's ``transformer_layer`` to
+        # ``mtp_model_layer``; canonical names keep the first spelling.
+        mtp_layer = chunk.mtp.layers[idx]
+        slot = "transformer_layer" if hasattr(mtp_layer, "transformer_layer") else "mtp_model_layer"
+        layer = getattr(mtp_layer, slot)
         prefix = f"mtp.layers.{idx}."
-        if not suffix.startswith("transformer_layer."):
+        if not suffix.startswith(slot + "."):
             return prefix + suffix
-        suffix = suffix[len("transformer_layer.") :]
+        suffix = suffix[len(slot) + 1 :]
         prefix += "transformer_layer."
     suffix = _TE_ALIASES.get(suffix, suffix)
     g = _TE_GROUPED_RE.match(suffix) or _LOCAL_EXPERT_RE.match(suffix)
