@@ -284,6 +284,13 @@ def _check_model(cfg: Any, errors: list[str]) -> None:
         )
     if m.mtp_num_layers < 0:
         errors.append("model.mtp_num_layers must be >= 0.")
+    tp = cfg.parallel.tensor_model_parallel_size
+    if tp > 0 and m.vocab_size % tp:
+        errors.append(
+            f"model.vocab_size={m.vocab_size} is not divisible by "
+            f"parallel.tensor_model_parallel_size={tp}: the embedding and the output layer split "
+            "the vocabulary evenly across TP ranks. Pick a TP size that divides it."
+        )
     if m.moe_router_bias_update not in ("megatron", "zero_mean"):
         errors.append(
             f"model.moe_router_bias_update={m.moe_router_bias_update!r} must be 'megatron' "

@@ -1,0 +1,43 @@
+"""Model settings megatron-core would mishandle are refused by validation, naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from ling_pretrain.config import compose
+from ling_pretrain.config.validate import ConfigError, validate
+
+
+def _errors(overrides: list[str], world: int = 1) -> str:
+    cfg = compose(["+model=ling_tiny", "data=mock", "run.check_memory=false", *overrides])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world)
+    return str(err.value)
+
+
+def test_vocabulary_must_split_evenly_over_tp():
+    msg = _errors(
+        [
+            "model.vocab_size=8191",
+            "parallel.tensor_model_parallel_size=2",
+            "parallel.sequence_parallel=true",
+        ],
+        world=2,
+    )
+    assert "model.vocab_size=8191 is not divisible by parallel.tensor_model_parallel_size=2" in msg
+
+
+def test_unknown_bias_update_rule_is_refused():
+    msg = _errors(["model.moe_router_bias_update=zero-mean"])
+    assert "model.moe_router_bias_update='zero-mean' must be 'megatron' or 'zero_mean'" in msg
+
+
+def test_group_score_rule_of_the_hf_checkpoints_is_enforced():
+    msg = _errors(["model.moe_router_topk=2"])
+    assert "moe_router_topk=2 != 2 x moe_router_group_topk=2" in msg
+
+
+@pytest.mark.parametrize("rule", ["megatron", "zero_mean"])
+def test_both_bias_rules_validate(rule):
+    cfg = compose(["+model=ling_tiny", "data=mock", f"model.moe_router_bias_update={rule}"])
+    validate(cfg, 1)
