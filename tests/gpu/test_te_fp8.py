@@ -148,7 +148,9 @@ def _as_local_name(name: str) -> str:
 
 def _hp(param: torch.Tensor) -> torch.Tensor:
     """A parameter's high-precision value (TE FP8 primary weights are dequantised)."""
-    return param.dequantize() if hasattr(param, "dequantize") else param.detach()
+    from transformer_engine.pytorch.tensor import QuantizedTensor
+
+    return param.dequantize() if isinstance(param, QuantizedTensor) else param.detach()
 
 
 def test_te_model_step_matches_the_emulated_model(world_of_one):
