@@ -175,8 +175,8 @@ class OptimizerConfig:
     weights, gradients and moments in the dtypes below (CUDA + TE only; needs
     ``parallel.use_distributed_optimizer``; not with ``adam8bit``)."""
     main_grads_dtype: str = "fp32"
-    """Dtype of the optimizer's gradients with the precision-aware optimizer: ``fp32`` or
-    ``bf16``."""
+    """Dtype of the optimizer's gradients: ``fp32`` only (megatron-core keeps them in the fp32
+    gradient buffer of DDP; the field is passed through for completeness)."""
     main_params_dtype: str = "fp32"
     """Dtype of the master weights with the precision-aware optimizer: ``fp32`` or ``fp16``."""
     exp_avg_dtype: str = "fp32"

@@ -17,7 +17,6 @@ H100_NO_TE = Hardware("cuda", 80 * GIB, has_transformer_engine=False, compute_ca
 
 PRECISION_AWARE = [
     "optimizer.use_precision_aware_optimizer=true",
-    "optimizer.main_grads_dtype=bf16",
     "optimizer.main_params_dtype=fp16",
     "optimizer.exp_avg_dtype=fp8",
     "optimizer.exp_avg_sq_dtype=bf16",
@@ -40,7 +39,7 @@ def test_adam8bit_preset_composes_validates_and_maps_to_megatron_adam():
 def test_precision_aware_fields_map_field_by_field():
     kw = optimizer_config_kwargs(_tiny(*PRECISION_AWARE))
     assert kw["use_precision_aware_optimizer"] is True
-    assert kw["main_grads_dtype"] == torch.bfloat16
+    assert kw["main_grads_dtype"] == torch.float32
     assert kw["main_params_dtype"] == torch.float16
     assert kw["exp_avg_dtype"] == torch.uint8  # megatron-core / TE spell FP8 moments uint8
     assert kw["exp_avg_sq_dtype"] == torch.bfloat16
@@ -77,6 +76,11 @@ def test_precision_aware_validates_on_a_te_gpu():
             ["optimizer.use_precision_aware_optimizer=true", "optimizer.main_params_dtype=bf16"],
             H100,
             r"main_params_dtype='bf16' must be one of fp32, fp16",
+        ),
+        (
+            ["optimizer.use_precision_aware_optimizer=true", "optimizer.main_grads_dtype=bf16"],
+            H100,
+            r"main_grads_dtype='bf16' must be one of fp32\.",
         ),
     ],
 )
