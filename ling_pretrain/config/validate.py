@@ -367,8 +367,8 @@ def _check_training(cfg: Any, errors: list[str]) -> None:
 def _check_precision_aware(cfg: Any, errors: list[str]) -> None:
     o = cfg.optimizer
     fields = {
-        # megatron-core reads main_grads_dtype nowhere: gradients stay in DDP's buffer, which
-        # this trainer keeps in fp32 (grad_reduce_in_fp32), so only fp32 is honest.
+        # megatron-core's DDP (not megatron-FSDP) never reads main_grads_dtype: gradients stay
+        # in DDP's buffer, which this trainer keeps in fp32 (grad_reduce_in_fp32).
         "main_grads_dtype": ("fp32",),
         "main_params_dtype": ("fp32", "fp16"),
         "exp_avg_dtype": ("fp32", "fp16", "bf16", "fp8"),
