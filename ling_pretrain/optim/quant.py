@@ -73,7 +73,7 @@ class BlockCodec:
         bits = (top << _BUCKET_SHIFT) | low
         smallest = (bits - (bits >= 1 << 31).long() * (1 << 32)).to(torch.int32).view(torch.float32)
         smallest = smallest.nan_to_num(nan=0.0).clamp(-1.0, 1.0)
-        self._table = torch.bucketize(smallest, bounds).to(torch.uint8)
+        self._table = torch.bucketize(smallest, bounds).to(torch.int32)
         self.to(device)
 
     def to(self, device: torch.device | str) -> BlockCodec:
@@ -88,10 +88,11 @@ class BlockCodec:
         return (numel + BLOCK - 1) // BLOCK
 
     def nearest(self, normed: torch.Tensor) -> torch.Tensor:
-        """Index (int64) of the code nearest to each value of ``normed`` (in [-1, 1])."""
+        """Index (int32) of the code nearest to each value of ``normed`` (in [-1, 1])."""
+        # int32 indices and index_select: several times faster on CPU than int64 gathers.
         bucket = (normed.view(torch.int32) >> _BUCKET_SHIFT) & ((1 << (32 - _BUCKET_SHIFT)) - 1)
-        idx = self._table[bucket.long()].long()
-        return idx + (normed > self._bounds[idx]).long()
+        idx = self._table.index_select(0, bucket)
+        return idx + (normed > self._bounds.index_select(0, idx)).to(torch.int32)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantise a flat fp32 tensor: returns ``(codes uint8 [n], absmax fp32 [blocks])``."""
@@ -118,8 +119,9 @@ class BlockCodec:
         self.to(codes.device)
         n = codes.numel()
         blocks = absmax.numel()
+        decoded = self.codes.index_select(0, codes.to(torch.int32))
         if n == blocks * BLOCK:
-            return (self.codes[codes.long()].view(blocks, BLOCK) * absmax[:, None]).view(-1)
+            return (decoded.view(blocks, BLOCK) * absmax[:, None]).view(-1)
         values = torch.zeros(blocks * BLOCK, dtype=torch.float32, device=codes.device)
-        values[:n] = self.codes[codes.long()]
+        values[:n] = decoded
         return (values.view(blocks, BLOCK) * absmax[:, None]).view(-1)[:n]
