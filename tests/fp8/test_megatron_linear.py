@@ -24,10 +24,7 @@ import copy
 import dataclasses
 import math
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -444,23 +441,12 @@ def test_spec_conversion_refuses_non_local_linears(world_of_one):
 @pytest.mark.distributed
 def test_tensor_parallel_communication_is_megatrons():
     """TP2 with and without sequence parallelism, in two gloo processes (see _worker)."""
-    from tests.conftest import REPO, subprocess_env
+    from tests.fp8.torchrun_worker import run_worker
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        str(Path(__file__).resolve()),
-    ]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    stdout = run_worker(__file__)
     for layout in ("tp2", "tp2_sp"):
         for kind in ("column", "row"):
-            assert f"ok {layout} {kind}" in proc.stdout, proc.stdout
+            assert f"ok {layout} {kind}" in stdout, stdout
 
 
 @pytest.mark.distributed

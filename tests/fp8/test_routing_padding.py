@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -189,23 +186,12 @@ def test_padding_changes_per_tensor_scales(world_of_one):
 @pytest.mark.distributed
 def test_padding_under_expert_parallelism():
     """EP2 (alltoall between two gloo processes): each rank pads its own routing map."""
-    from tests.conftest import REPO, subprocess_env
+    from tests.fp8.torchrun_worker import run_worker
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        str(Path(__file__).resolve()),
-    ]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    stdout = run_worker(__file__)
     for recipe in sorted(ALIGN):
         for rank in (0, 1):
-            assert f"ok ep2 {recipe} rank {rank}" in proc.stdout, proc.stdout
+            assert f"ok ep2 {recipe} rank {rank}" in stdout, stdout
 
 
 def _worker() -> None:
