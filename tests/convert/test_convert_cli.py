@@ -105,7 +105,8 @@ def test_mcore_to_hf_needs_the_model(mcore_tp2, tmp_path):
 
 def test_init_from_hf_equals_init_from_converted(hf_tiny, mcore_tp2, tmp_path):
     common = [*TINY, "trainer.max_steps=1", "checkpoint.save_at_end=false"]
-    run_pretrain(tmp_path / "hf", [*common, f"checkpoint.init_from_hf={hf_tiny}"])
+    from_hf = [*TINY, f"checkpoint.init_from_hf={hf_tiny}"]
+    run_pretrain(tmp_path / "hf", [*from_hf, "trainer.max_steps=1"])
     run_pretrain(tmp_path / "mc", [*common, f"checkpoint.init_from={mcore_tp2}"])
     run_pretrain(
         tmp_path / "pp2",
@@ -117,6 +118,11 @@ def test_init_from_hf_equals_init_from_converted(hf_tiny, mcore_tp2, tmp_path):
     # PP2 holds MTP and its own copy of the embedding on the last stage; both loaded.
     assert pp2["loss"] == pytest.approx(hf["loss"], abs=1e-5)
     assert pp2["mtp_loss"] == pytest.approx(hf["mtp_loss"], abs=1e-5)
+    # Started again with init_from_hf still set, the run resumes its own checkpoint (step 1)
+    # instead of re-initialising from the HF weights.
+    proc = run_pretrain(tmp_path / "hf", [*from_hf, "trainer.max_steps=2"])
+    assert "resuming from" in proc.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "hf")] == [1, 2]
 
 
 def test_init_from_hf_refused_before_training(hf_tiny, tmp_path):
