@@ -43,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="evaluate.json", help="JSON results file")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass")
     p.add_argument("--seq-length", type=int, help="tokens per sequence (--data: default 2048)")
-    p.add_argument("--num-batches", type=int, help="evaluate at most this many batches")
+    p.add_argument(
+        "--num-batches",
+        type=int,
+        help="evaluate at most this many batches (--data: exactly this many, default 1)",
+    )
     return p
 
 
