@@ -196,7 +196,11 @@ def main() -> None:
     local = every[rank * MICRO_BATCHES : (rank + 1) * MICRO_BATCHES]
     import megatron.core
 
-    out: dict = {"rank": info.rank, "megatron_core": megatron.core.__version__}
+    out: dict = {
+        "rank": info.rank,
+        "megatron_core": megatron.core.__version__,
+        "params_dtype": str(next(model[0].module.parameters()).dtype),
+    }
     if mode == "bias":
         check_bias(cfg, model, local, out)
     elif mode == "mtp_grad":

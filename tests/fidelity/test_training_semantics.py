@@ -41,6 +41,8 @@ LAYOUTS = {
     "single": (1, ["trainer.global_batch_size=4"]),
     "dp2": (2, ["trainer.global_batch_size=8"]),
     "ep2": (2, ["trainer.global_batch_size=8", "parallel.expert_model_parallel_size=2"]),
+    # bf16 weights: the bias and its update must stay fp32 (upstream bugs made it bf16).
+    "single_bf16": (1, ["trainer.global_batch_size=4", "trainer.params_dtype=bf16"]),
 }
 
 
@@ -73,7 +75,7 @@ def expected_bias(before: torch.Tensor, counts: torch.Tensor, rate: float, rule:
     return before + rate * delta
 
 
-@pytest.mark.parametrize("layout", ["single", "ep2"])
+@pytest.mark.parametrize("layout", ["single", "ep2", "single_bf16"])
 def test_expert_bias_update_rules(tmp_path, layout):
     nproc, extra = LAYOUTS[layout]
     rate = 0.01
@@ -88,6 +90,8 @@ def test_expert_bias_update_rules(tmp_path, layout):
     results = run_worker("bias", tmp_path, [*extra, *routing], nproc)
     tokens = (4 if nproc == 1 else 8) * 32  # global batch x sequence length
     for r in results:
+        dtype = "torch.bfloat16" if "trainer.params_dtype=bf16" in extra else "torch.float32"
+        assert r["params_dtype"] == dtype
         megatron, zero_mean = r["megatron"], r["zero_mean"]
         assert megatron["counts"] == zero_mean["counts"]  # same biases, same batch
         counts = torch.tensor(megatron["counts"], dtype=torch.float64)
