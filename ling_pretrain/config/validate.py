@@ -284,6 +284,11 @@ def _check_model(cfg: Any, errors: list[str]) -> None:
         )
     if m.mtp_num_layers < 0:
         errors.append("model.mtp_num_layers must be >= 0.")
+    elif m.mtp_num_layers > 1:
+        errors.append(
+            f"model.mtp_num_layers={m.mtp_num_layers}: the trainer makes MTP a per-token mean "
+            "over the global batch (Ling's loss) for one MTP layer, as Ling trains; use 1 or 0."
+        )
     tp = cfg.parallel.tensor_model_parallel_size
     if tp > 0 and m.vocab_size % tp:
         errors.append(

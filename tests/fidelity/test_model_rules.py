@@ -32,6 +32,10 @@ def test_unknown_bias_update_rule_is_refused():
     assert "model.moe_router_bias_update='zero-mean' must be 'megatron' or 'zero_mean'" in msg
 
 
+def test_more_than_one_mtp_layer_is_refused():
+    assert "model.mtp_num_layers=2" in _errors(["model.mtp_num_layers=2"])
+
+
 def test_group_score_rule_of_the_hf_checkpoints_is_enforced():
     msg = _errors(["model.moe_router_topk=2"])
     assert "moe_router_topk=2 != 2 x moe_router_group_topk=2" in msg
