@@ -3,7 +3,6 @@ plain Adam loads and back (megatron's distributed optimizer under DP2 included).
 
 from __future__ import annotations
 
-import shutil
 from statistics import mean
 
 import pytest
@@ -30,6 +29,10 @@ def test_loss_after_100_steps_within_one_percent_of_fp32_adam(tmp_path):
     assert adam[-1]["loss"] != eight[-1]["loss"]  # the 8-bit moments were really used
 
 
+def _ckpt(run, step: int) -> str:
+    return f"checkpoint.load_dir={run / 'checkpoints' / f'iter_{step:07d}'}"
+
+
 def test_dp2_resume_is_exact_and_plain_adam_resumes_the_8bit_checkpoint(tmp_path):
     common = [
         *TINY,
@@ -37,18 +40,18 @@ def test_dp2_resume_is_exact_and_plain_adam_resumes_the_8bit_checkpoint(tmp_path
         "optimizer.lr_decay_style=cosine",
         "optimizer.min_lr=1e-4",
         "optimizer.lr_warmup_steps=2",
-        "optimizer.lr_decay_steps=6",
+        "trainer.max_steps=6",
     ]
     straight, resumed, to_adam = tmp_path / "straight", tmp_path / "resumed", tmp_path / "to_adam"
-    run_pretrain(straight, [*common, "trainer.max_steps=6"], nproc=2)
-    run_pretrain(resumed, [*common, "trainer.max_steps=3"], nproc=2)
-    shutil.copytree(resumed, to_adam)
-    run_pretrain(resumed, [*common, "trainer.max_steps=6"], nproc=2)
-    run_pretrain(to_adam, [*common, "trainer.max_steps=6", "optimizer.optimizer=adam"], nproc=2)
+    # The uninterrupted run also saves at step 3 (saving must not change the 8-bit state);
+    # the others start new processes from that checkpoint, as a preempted job would.
+    run_pretrain(straight, [*common, "checkpoint.save_interval=3"], nproc=2)
+    run_pretrain(resumed, [*common, _ckpt(straight, 3)], nproc=2)
+    run_pretrain(to_adam, [*common, _ckpt(straight, 3), "optimizer.optimizer=adam"], nproc=2)
 
     a, b = read_metrics(straight), read_metrics(resumed)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    for ra, rb in zip(a, b, strict=True):
+    assert [r["step"] for r in b] == [4, 5, 6]
+    for ra, rb in zip(a[3:], b, strict=True):
         for key in KEYS:
             assert rb[key] == ra[key], (ra["step"], key)
 
@@ -56,24 +59,24 @@ def test_dp2_resume_is_exact_and_plain_adam_resumes_the_8bit_checkpoint(tmp_path
     # exactly the update the 8-bit Adam makes at step 4 (both decode the same moments), so
     # the loss after it (step 5) is the same; they part only once the 8-bit Adam re-rounds.
     c = read_metrics(to_adam)
-    assert [r["step"] for r in c] == [1, 2, 3, 4, 5, 6]
-    assert c[3]["loss"] == b[3]["loss"] and c[3]["grad_norm"] == b[3]["grad_norm"]
-    assert c[4]["loss"] == b[4]["loss"]
-    assert c[5]["loss"] == pytest.approx(b[5]["loss"], rel=1e-3)
+    assert [r["step"] for r in c] == [4, 5, 6]
+    assert c[0]["loss"] == a[3]["loss"] and c[0]["grad_norm"] == a[3]["grad_norm"]
+    assert c[1]["loss"] == a[4]["loss"]
+    assert c[2]["loss"] == pytest.approx(a[5]["loss"], rel=REL_8BIT)
 
 
 def test_8bit_adam_resumes_a_plain_adam_checkpoint(tmp_path):
     ref, to_8bit = tmp_path / "ref", tmp_path / "to_8bit"
-    run_pretrain(ref, [*TINY, "trainer.max_steps=3"])
-    shutil.copytree(ref, to_8bit)
-    run_pretrain(ref, [*TINY, "trainer.max_steps=5"])
-    run_pretrain(to_8bit, [*TINY, "trainer.max_steps=5", "optimizer.optimizer=adam8bit"])
+    common = [*TINY, "trainer.max_steps=5"]
+    run_pretrain(ref, [*common, "checkpoint.save_interval=3"])
+    run_pretrain(to_8bit, [*common, _ckpt(ref, 3), "optimizer.optimizer=adam8bit"])
     r, e = read_metrics(ref), read_metrics(to_8bit)
-    assert [x["step"] for x in e] == [1, 2, 3, 4, 5]
-    assert e[3]["loss"] == r[3]["loss"]  # same weights after step 3
+    assert [x["step"] for x in e] == [4, 5]
+    assert e[0]["loss"] == r[3]["loss"]  # same weights after step 3
     # Step 5 follows from the loaded fp32 moments and step, rounded to 8 bits: close to
     # fp32 Adam's own continuation.
-    assert e[4]["loss"] == pytest.approx(r[4]["loss"], rel=REL_8BIT)
+    assert e[1]["loss"] == pytest.approx(r[4]["loss"], rel=REL_8BIT)
+    assert e[1]["loss"] != r[4]["loss"]
 
 
 def test_resume_is_exact_without_the_distributed_optimizer_in_bf16(tmp_path):
@@ -86,14 +89,13 @@ def test_resume_is_exact_without_the_distributed_optimizer_in_bf16(tmp_path):
         "optimizer.lr_warmup_steps=1",
         "optimizer.lr_decay_style=linear",
         "optimizer.min_lr=1e-4",
-        "optimizer.lr_decay_steps=4",
+        "trainer.max_steps=4",
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_pretrain(straight, [*common, "trainer.max_steps=4"])
-    run_pretrain(resumed, [*common, "trainer.max_steps=2"])
-    run_pretrain(resumed, [*common, "trainer.max_steps=4"])
+    run_pretrain(straight, [*common, "checkpoint.save_interval=2"])
+    run_pretrain(resumed, [*common, _ckpt(straight, 2)])
     a, b = read_metrics(straight), read_metrics(resumed)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b, strict=True):
+    assert [r["step"] for r in b] == [3, 4]
+    for ra, rb in zip(a[2:], b, strict=True):
         for key in KEYS:
             assert rb[key] == ra[key], (ra["step"], key)
