@@ -8,6 +8,7 @@ into a job. All problems found are reported together.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,11 @@ OPTIMIZERS = ("adam", "adam8bit")
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 RECOMPUTE = (None, "full", "selective")
 GIB = 1024**3
+TE_ON_DEMAND_TRANSPOSE = (2, 4)
+"""Oldest TransformerEngine release read whose blockwise weights rebuild their column-wise
+copy from the row-wise one in the backward (``update_usage`` -> ``_create_columnwise``)."""
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -39,6 +45,8 @@ class Hardware:
     """Whether ``transformer_engine`` can be imported."""
     compute_capability: tuple[int, int] | None = None
     """CUDA compute capability of device 0, when CUDA is present."""
+    te_version: str | None = None
+    """Installed TransformerEngine version (from package metadata), when known."""
 
     @staticmethod
     def detect(local_world_size: int = 1) -> Hardware:
@@ -48,11 +56,34 @@ class Hardware:
         has_te = importlib.util.find_spec("transformer_engine") is not None
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
-            return Hardware("cuda", props.total_memory, has_te, (props.major, props.minor))
+            return Hardware(
+                "cuda", props.total_memory, has_te, (props.major, props.minor), _te_version()
+            )
         import psutil
 
         ram = psutil.virtual_memory().total // max(local_world_size, 1)
         return Hardware("cpu", ram, has_te)
+
+
+def _te_version() -> str | None:
+    from importlib import metadata
+
+    for dist in ("transformer_engine", "transformer-engine"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 @dataclass(frozen=True)
@@ -451,6 +482,8 @@ def _check_hardware(cfg: Any, world_size: int, hw: Hardware, errors: list[str]) 
             )
         elif f.recipe == "mxfp8" and (hw.compute_capability or (0, 0)) < (10, 0):
             errors.append("fp8.recipe=mxfp8 needs a Blackwell GPU (compute capability >= 10.0).")
+        else:
+            _check_te_fp8_options(cfg, hw, errors)
 
     if cfg.run.check_memory and not errors:
         need = estimate_state_bytes(cfg, world_size)
@@ -464,6 +497,43 @@ def _check_hardware(cfg: Any, world_size: int, hw: Hardware, errors: list[str]) 
                 "with the distributed optimizer) or pick a smaller model (+model=ling_tiny on CPU)."
                 " run.check_memory=false skips this check."
             )
+
+
+def _check_te_fp8_options(cfg: Any, hw: Hardware, errors: list[str]) -> None:
+    """FP8 options on the real TransformerEngine path (not under emulation)."""
+    f = cfg.fp8
+    if f.on_demand_transpose:
+        fp8_weights = f.recipe == "blockwise_fp8_params" or f.fp8_param_gather
+        if not f.recipe.startswith("blockwise"):
+            errors.append(
+                f"fp8.on_demand_transpose=true needs weights scaled in 128x128 blocks "
+                f"(fp8.recipe=blockwise or blockwise_fp8_params); with fp8.recipe={f.recipe} "
+                "TransformerEngine cannot rebuild the transposed weight from the row-wise one. "
+                "Set fp8.on_demand_transpose=false."
+            )
+        elif not fp8_weights:
+            errors.append(
+                "fp8.on_demand_transpose=true needs FP8 primary weights on TransformerEngine "
+                "(fp8.fp8_param_gather=true, or fp8=blockwise_fp8_params): with BF16 weights TE "
+                "caches a quantised copy per module that this option does not manage. Turn on "
+                "fp8.fp8_param_gather or set fp8.on_demand_transpose=false."
+            )
+        elif hw.te_version and _version_tuple(hw.te_version) < TE_ON_DEMAND_TRANSPOSE:
+            need = ".".join(map(str, TE_ON_DEMAND_TRANSPOSE))
+            errors.append(
+                f"fp8.on_demand_transpose=true needs TransformerEngine >= {need} (its blockwise "
+                "tensors rebuild the column-wise copy inside the backward GEMM); this machine has "
+                f"{hw.te_version}. Upgrade TransformerEngine or set fp8.on_demand_transpose=false."
+            )
+    if f.moe_router_padding_for_quantization and f.recipe == "tensorwise":
+        logger.warning(
+            "fp8.moe_router_padding_for_quantization=true with fp8.recipe=tensorwise changes the "
+            "numbers: the padded tokens are real hidden states (routed with probability 0) and "
+            "enter each expert's per-tensor FP8 scale. megatron-core accepts it, and padding "
+            "is only number-neutral with the block-scaled recipes (blockwise, mxfp8). Set "
+            "fp8.moe_router_padding_for_quantization=false to keep tensorwise numbers "
+            "independent of the padding."
+        )
 
 
 def _check_fp8(cfg: Any, errors: list[str]) -> None:

@@ -422,6 +422,16 @@ def _check(cfg: Any, world_size: int, settings: MemorySettings) -> None:
         raise ValueError("cannot compute the memory breakdown: " + "; ".join(problems) + ".")
 
 
+def te_can_transpose_on_demand(recipe: str, fp8_primary_weights: bool) -> bool:
+    """Whether released TransformerEngine can run on-demand transpose for these settings.
+
+    Only 2D (128x128) block-scaled FP8 primary weights rebuild their column-wise copy from the
+    row-wise one (``ling_pretrain.fp8.te_on_demand_transpose``); with BF16 primary weights TE
+    quantises a cached FP8 workspace, and per-tensor scaled weights keep a cached transpose.
+    """
+    return recipe.startswith("blockwise") and bool(fp8_primary_weights)
+
+
 def memory_breakdown(
     cfg: Any,
     world_size: int,
@@ -444,9 +454,11 @@ def memory_breakdown(
         fp8_primary_weights: keep weights of FP8 GEMMs as FP8 (megatron ``fp8_param``);
             defaults to ``cfg.fp8.fp8_param_gather`` or recipe ``blockwise_fp8_params``
             (and to False under ``bf16``).
-        on_demand_transpose: do not cache the transposed FP8 weight (Ling's TE patch);
-            defaults to ``cfg.fp8.on_demand_transpose`` when the schema has that field, else
-            False (stock TransformerEngine).
+        on_demand_transpose: do not cache the transposed FP8 weight. Defaults to
+            ``cfg.fp8.on_demand_transpose`` where released TransformerEngine can do it
+            (:func:`te_can_transpose_on_demand`: blockwise recipe with FP8 primary weights),
+            else False (the cached transpose such a run really holds). Passing True counts
+            the saving for any recipe whose column-wise copy is a transpose (Ling's TE patch).
         optimizer: ``adam``, ``adam8bit`` or ``adam_bf16_moments``; defaults to
             ``cfg.optimizer.optimizer``.
 
@@ -464,6 +476,10 @@ def memory_breakdown(
         )
     if on_demand_transpose is None:
         on_demand_transpose = bool(getattr(cfg.fp8, "on_demand_transpose", False))
+        if on_demand_transpose and not te_can_transpose_on_demand(recipe, fp8_primary_weights):
+            # A config asking for it on a recipe released TE cannot do it for: count the
+            # cached transpose that the run will really hold.
+            on_demand_transpose = False
     settings = MemorySettings(
         params_dtype=cfg.trainer.params_dtype,
         recipe=recipe,

@@ -148,6 +148,10 @@ def build_model(cfg: Any) -> list:
     for chunk in chunks:
         _keep_expert_bias_fp32(chunk)
         _reduce_replicated_experts_over_expert_dp(chunk, config)
+    if cfg.fp8.on_demand_transpose and uses_transformer_engine(cfg) and config.fp8_param:
+        from ling_pretrain.fp8.te_on_demand_transpose import install
+
+        install(chunks)
     return chunks
 
 
