@@ -5,6 +5,9 @@
     # ... checked against a preset, built at TP2 (run with the layout's world size)
     torchrun --nproc-per-node 2 launch/convert.py hf-to-mcore --hf-dir D --out-dir O --tp 2 \\
         +model=ling_mini model.rotary_base=10000
+    # ... a checkpoint without MTP into a model with MTP (the MTP layer starts fresh)
+    python launch/convert.py hf-to-mcore --hf-dir D --out-dir O --init-missing-mtp \\
+        model.mtp_num_layers=1
 
     # megatron -> HF (bf16, fp32 or fp8), tokenizer and modeling code copied from a template
     python launch/convert.py mcore-to-hf --checkpoint runs/x/checkpoints --out-dir /ckpt/x_hf \\
@@ -54,6 +57,8 @@ def _job_overrides(args: argparse.Namespace, world: int, params_dtype: str | Non
     ]
     if params_dtype:
         out.append(f"trainer.params_dtype={params_dtype}")
+    if getattr(args, "init_missing_mtp", False):
+        out.append("checkpoint.hf_init_missing_mtp=true")
     return out
 
 
@@ -128,7 +133,7 @@ def hf_to_mcore(args: argparse.Namespace, overrides: list[str]) -> None:
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(args.hf_dir).resolve().name) or "hf"
         derived = _model_overrides(model_overrides_from_hf(hf))
         cfg = _compose(["+model=ling_mini", *base, f"model.name={name}", *derived, *overrides])
-    check_hf_config(hf, cfg.model)
+    check_hf_config(hf, cfg.model, init_missing_mtp=args.init_missing_mtp)
     _start(cfg)
     from ling_pretrain.models.ling.builder import build_model
 
@@ -228,6 +233,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=("fp32", "bf16", "fp16"),
         default=None,
         help="params dtype of the megatron checkpoint (default: config.json torch_dtype)",
+    )
+    a.add_argument(
+        "--init-missing-mtp",
+        action="store_true",
+        help="the checkpoint has no MTP layer but the model has (e.g. +model=ling_mini or "
+        "model.mtp_num_layers=1): load every other tensor, keep the MTP layer freshly "
+        "initialised",
     )
     layout(a)
 

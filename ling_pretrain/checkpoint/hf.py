@@ -245,12 +245,20 @@ def _hf_source(field: str, hf: dict) -> str:
     return f"{key}={hf.get(key)!r}"
 
 
-def check_hf_config(hf_config: dict, model_cfg: Any) -> None:
+def hf_lacks_mtp(hf_config: dict, model_cfg: Any) -> bool:
+    """Whether the checkpoint has no MTP layer while the model has some (the case that
+    ``checkpoint.hf_init_missing_mtp`` allows)."""
+    return not int(hf_config.get("num_nextn_predict_layers") or 0) and model_cfg.mtp_num_layers > 0
+
+
+def check_hf_config(hf_config: dict, model_cfg: Any, *, init_missing_mtp: bool = False) -> None:
     """Refuse an HF config.json that does not describe the chosen model preset.
 
     Args:
         hf_config: the checkpoint's config.json.
         model_cfg: our ``ModelConfig`` (``cfg.model``).
+        init_missing_mtp: accept a checkpoint without MTP layers for a model with MTP (its
+            MTP layers keep their fresh initialisation).
 
     Raises:
         ConfigError: naming every mismatching field (HF key and value, our field and value)
@@ -259,9 +267,20 @@ def check_hf_config(hf_config: dict, model_cfg: Any) -> None:
     problems = list(_unsupported_features(hf_config))
     if not problems:
         wanted = model_overrides_from_hf(hf_config)
+        no_mtp = hf_lacks_mtp(hf_config, model_cfg)
+        if no_mtp and init_missing_mtp:
+            wanted.pop("mtp_num_layers")
         for field, value in wanted.items():
             ours = getattr(model_cfg, field)
-            if not _same(ours, value):
+            if field == "mtp_num_layers" and no_mtp:
+                problems.append(
+                    f"config.json {_hf_source(field, hf_config)}: the checkpoint has no MTP "
+                    f"layer but model.mtp_num_layers={ours!r}. To add MTP to it, set "
+                    "checkpoint.hf_init_missing_mtp=true (launch/convert.py hf-to-mcore: "
+                    "--init-missing-mtp): every other tensor loads and the MTP layer keeps its "
+                    "fresh initialisation. Or train without MTP: model.mtp_num_layers=0."
+                )
+            elif not _same(ours, value):
                 problems.append(
                     f"config.json {_hf_source(field, hf_config)} but model.{field}={ours!r}: add "
                     f"model.{field}={value!r}, pick the preset this checkpoint was made from, "
@@ -275,10 +294,13 @@ def check_hf_config(hf_config: dict, model_cfg: Any) -> None:
         )
 
 
-def hf_dir_problems(hf_dir: str | os.PathLike, model_cfg: Any) -> list[str]:
+def hf_dir_problems(
+    hf_dir: str | os.PathLike, model_cfg: Any, *, init_missing_mtp: bool = False
+) -> list[str]:
     """Why ``hf_dir`` cannot initialise ``model_cfg`` (empty when it can): the directory,
-    its config.json and safetensors exist, and config.json matches the model. Cheap: reads
-    config.json and the index only, so it runs before any process group exists."""
+    its config.json and safetensors exist, and config.json matches the model (see
+    :func:`check_hf_config` for ``init_missing_mtp``). Cheap: reads config.json and the
+    index only, so it runs before any process group exists."""
     path = Path(hf_dir)
     if not path.is_dir():
         return [f"checkpoint.init_from_hf={hf_dir}: no such directory."]
@@ -292,7 +314,7 @@ def hf_dir_problems(hf_dir: str | os.PathLike, model_cfg: Any) -> list[str]:
             "convert them to safetensors first)."
         ]
     try:
-        check_hf_config(hf, model_cfg)
+        check_hf_config(hf, model_cfg, init_missing_mtp=init_missing_mtp)
     except ConfigError as err:
         return [f"checkpoint.init_from_hf={hf_dir}: {err}"]
     return []
@@ -517,8 +539,9 @@ def map_canonical(canonical: str, num_layers: int) -> Mapped:
     return Mapped(canonical, keys, rule, expert is not None)
 
 
-def expected_hf_keys(model_cfg: Any) -> list[str]:
-    """Every tensor name an HF checkpoint of this model holds (from the same table)."""
+def expected_hf_keys(model_cfg: Any, *, with_mtp: bool = True) -> list[str]:
+    """Every tensor name an HF checkpoint of this model holds (from the same table); without
+    the MTP layers' tensors when ``with_mtp`` is False."""
     m = model_cfg
     keys = [k for r in MODEL_RULES for k in r.hf]
 
@@ -542,7 +565,7 @@ def expected_hf_keys(model_cfg: Any) -> list[str]:
 
     for i in range(m.num_layers):
         keys += layer(i, i >= m.first_k_dense_replace)
-    for j in range(m.mtp_num_layers):
+    for j in range(m.mtp_num_layers if with_mtp else 0):
         i = m.num_layers + j
         keys += [f"model.layers.{i}.{h}" for r in MTP_RULES for h in r.hf]
         keys += layer(i, m.first_k_dense_replace < m.num_layers)
@@ -817,7 +840,9 @@ def _all_gather_objects(obj: Any) -> list:
     return out
 
 
-def load_hf_into_model(hf_dir: str | os.PathLike, chunks: list, cfg: Any) -> None:
+def load_hf_into_model(
+    hf_dir: str | os.PathLike, chunks: list, cfg: Any, *, init_missing_mtp: bool | None = None
+) -> None:
     """Load an HF BailingMoeV2 checkpoint into built megatron model chunks, in place.
 
     Works at any layout (TP/PP/VPP/EP/ETP, sequence parallel): each rank reads only the
@@ -829,15 +854,23 @@ def load_hf_into_model(hf_dir: str | os.PathLike, chunks: list, cfg: Any) -> Non
         hf_dir: HF checkpoint directory (config.json, safetensors, optional index).
         chunks: the list ``build_model(cfg)`` returns, or DDP-wrapped chunks.
         cfg: the job config the chunks were built from.
+        init_missing_mtp: for a checkpoint without MTP layers and a model with them, load
+            every other tensor and leave the MTP layers as built (their fresh
+            initialisation: norms at one, ``eh_proj`` and the transformer layer from the
+            model's init). Defaults to ``cfg.checkpoint.hf_init_missing_mtp``.
 
     Raises:
         ConfigError: config.json does not match ``cfg.model``.
         KeyError: tensors missing from or unexpected in the checkpoint (named).
         ValueError: a tensor's shape does not match its parameter.
     """
-    check_hf_config(read_hf_config(hf_dir), cfg.model)
+    if init_missing_mtp is None:
+        init_missing_mtp = bool(getattr(cfg.checkpoint, "hf_init_missing_mtp", False))
+    hf_config = read_hf_config(hf_dir)
+    check_hf_config(hf_config, cfg.model, init_missing_mtp=init_missing_mtp)
+    fresh_mtp = init_missing_mtp and hf_lacks_mtp(hf_config, cfg.model)
     reader = HFReader(hf_dir)
-    expected = set(expected_hf_keys(cfg.model))
+    expected = set(expected_hf_keys(cfg.model, with_mtp=not fresh_mtp))
     present = set(reader.keys())
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
@@ -850,6 +883,14 @@ def load_hf_into_model(hf_dir: str | os.PathLike, chunks: list, cfg: Any) -> Non
     par = _Parallel.current()
     dims = _model_dims(cfg)
     items = list(local_tensors(chunks))
+    if fresh_mtp:
+        items = [item for item in items if not item[3].startswith("mtp.")]
+        if _is_rank0():
+            logger.info(
+                "%s has no MTP layer: model.mtp_num_layers=%d keeps its fresh initialisation",
+                hf_dir,
+                cfg.model.mtp_num_layers,
+            )
     errors: list[str] = []
     used: set[str] = set()
     assigned: dict[tuple[int, str], str] = {}

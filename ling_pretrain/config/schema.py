@@ -261,6 +261,11 @@ class CheckpointConfig:
     """Initialise weights only (fresh optimizer, step 0) from this Hugging Face checkpoint
     directory (config.json + safetensors, e.g. Ling-mini-base-2.0), whose config.json must
     match the model. Excludes ``init_from``; resuming from ``save_dir`` wins over both."""
+    hf_init_missing_mtp: bool = False
+    """Let ``init_from_hf`` start a model with MTP (``model.mtp_num_layers`` > 0) from a
+    checkpoint without MTP layers (``num_nextn_predict_layers`` 0): every other tensor loads,
+    the MTP layers keep their fresh initialisation (norms at one, ``eh_proj`` and the
+    transformer layer from the model's init). Off: such a checkpoint is refused."""
     keep_last: int = 0
     """Keep only this many newest checkpoints; 0 keeps all."""
     seed_checkpoint: bool = False

@@ -397,7 +397,13 @@ def _check_training(cfg: Any, errors: list[str]) -> None:
                 "checkpoint.init_from_hf excludes checkpoint.init_from and checkpoint.load_dir; "
                 "set one."
             )
-        errors.extend(hf_dir_problems(cfg.checkpoint.init_from_hf, cfg.model))
+        errors.extend(
+            hf_dir_problems(
+                cfg.checkpoint.init_from_hf,
+                cfg.model,
+                init_missing_mtp=bool(cfg.checkpoint.hf_init_missing_mtp),
+            )
+        )
 
 
 def _check_precision_aware(cfg: Any, errors: list[str]) -> None:
