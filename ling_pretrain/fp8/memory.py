@@ -12,7 +12,10 @@ again. Ling 2.0's memory work removes these costs one by one:
 
 * **on-demand transpose** drops the cached column-wise copy and builds it inside the
   backward GEMM (lossless for 128 x 128 weight blocks, whose scale is the same read either
-  way round);
+  way round). Released TE does this for blockwise FP8 primary weights only
+  (:mod:`ling_pretrain.fp8.te_on_demand_transpose`); a config asking for it elsewhere is
+  counted with the cached transpose unless the saving is asked for explicitly (Ling's
+  patched TE);
 * **FP8 primary weights** (megatron ``fp8_param``, our ``fp8.fp8_param_gather`` or recipe
   ``blockwise_fp8_params``) make the FP8 copy the model's weight, so the BF16 weight goes
   (the FP32 master copy in the optimizer stays);
