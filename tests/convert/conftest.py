@@ -55,10 +55,13 @@ def randomize(chunks: list, seed: int = 0) -> None:
 
 
 def read_all(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from ling_pretrain.checkpoint.hf import HFReader
+    """Every tensor stored in an HF directory, as stored (FP8 data and scales included)."""
+    from safetensors.torch import load_file
 
-    reader = HFReader(hf_dir)
-    return {k: reader.get(k) for k in reader.keys()}
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(hf_dir).glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:

@@ -196,3 +196,41 @@ def test_shards_index_and_template(world, hf_tiny, tmp_path):
     assert not (out / "pytorch_model.bin").exists()
     assert json.loads((out / "config.json").read_text())["model_type"] == "bailing_moe_v2"
     assert not (tmp_path / "sharded.partial").exists()
+
+
+def test_fp8_checkpoint_loads_as_its_dequantised_values(world, hf_tiny, tmp_path):
+    """An FP8 export (or a published FP8 checkpoint) loads: each E4M3 weight becomes
+    ``q * weight_scale_inv`` over its 128x128 block, every other tensor loads as stored."""
+    from ling_pretrain.fp8.quantize import dequantize_blockwise
+
+    cfg, chunks = _build("fp32", 6)
+    hf.load_hf_into_model(hf_tiny, chunks, cfg)
+    hf.export_hf(chunks, cfg, tmp_path / "fp8", dtype="fp8")
+    stored = read_all(tmp_path / "fp8")
+    cfg, loaded = _build("fp32", 7)
+    hf.load_hf_into_model(tmp_path / "fp8", loaded, cfg)
+    hf.export_hf(loaded, cfg, tmp_path / "back", dtype="fp32")
+    back = read_all(tmp_path / "back")
+
+    assert set(back) == {k for k in stored if not k.endswith("_scale_inv")}
+    quantized = [k for k in stored if stored[k].dtype == torch.float8_e4m3fn]
+    assert len(quantized) == 2 + 3 + 4 * (2 + 3 * 8 + 3)
+    for key, value in back.items():
+        if key in quantized:
+            want = dequantize_blockwise(stored[key], stored[key + "_scale_inv"], (128, 128))
+        else:
+            want = stored[key].float()
+        assert torch.equal(value, want), key
+    original = read_all(hf_tiny)
+    qkv = "model.layers.1.attention.query_key_value.weight"
+    assert not torch.equal(back[qkv], original[qkv])  # really went through E4M3
+
+
+def test_unsupported_quantization_config_is_refused(world, hf_tiny, tmp_path):
+    shutil.copytree(hf_tiny, tmp_path / "int4")
+    config = json.loads((tmp_path / "int4" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (tmp_path / "int4" / "config.json").write_text(json.dumps(config))
+    cfg, chunks = _build("fp32", 8)
+    with pytest.raises(ValueError, match="awq.*not a blockwise E4M3 FP8 checkpoint"):
+        hf.load_hf_into_model(tmp_path / "int4", chunks, cfg)
