@@ -125,8 +125,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--on-demand-transpose",
         action="store_true",
-        help="count the config without TE's cached FP8 transposes (Ling's TE patch); "
-        "default: fp8.on_demand_transpose when the config has it",
+        help="count the config without TE's cached FP8 transposes for any recipe whose "
+        "column-wise copy is a transpose (Ling's TE patch); default: fp8.on_demand_transpose "
+        "where released TE can do it (blockwise recipe with FP8 primary weights)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the figures (bytes) as JSON")
     args = parser.parse_intermixed_args(argv)
