@@ -17,7 +17,6 @@ TransformerEngine. Each test skips with the missing piece named.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 
 import pytest
@@ -25,26 +24,9 @@ import torch
 
 from ling_pretrain.config import compose
 from ling_pretrain.fp8.te_on_demand_transpose import has_columnwise_copy, install, is_2d_blockwise
+from tests.gpu.te_requirements import te_blockwise_marks
 
-
-def _why_no_te_blockwise() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU (Hopper) with TransformerEngine; this machine has no CUDA device"
-    if importlib.util.find_spec("transformer_engine") is None:
-        return "needs TransformerEngine (pip install 'ling_pretrain[gpu]'); it is not importable"
-    cap = torch.cuda.get_device_capability(0)
-    if cap < (9, 0):
-        return f"blockwise FP8 needs compute capability >= 9.0 (Hopper), this GPU has {cap}"
-    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
-    if cuda < (12, 9):
-        return f"blockwise FP8 needs CUDA >= 12.9, PyTorch was built with {torch.version.cuda}"
-    return None
-
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(_why_no_te_blockwise() is not None, reason=str(_why_no_te_blockwise())),
-]
+pytestmark = te_blockwise_marks()
 
 
 def _recipe():
