@@ -45,23 +45,19 @@ def subprocess_env() -> dict:
     return env
 
 
+def script_cmd(script: Path | str, args: list[str], nproc: int = 1) -> list[str]:
+    """The command line running ``script``: plain Python for one process, else torchrun."""
+    if nproc == 1:
+        return [sys.executable, str(script), *args]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [sys.executable, *launcher, str(script), *args]
+
+
 def run_pretrain(
     output_dir: Path, overrides: list[str], nproc: int = 1, timeout: int = 300, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Run launch/pretrain.py (under torchrun when nproc > 1) and return the process."""
-    args = [f"run.output_dir={output_dir}", *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, str(PRETRAIN), *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            str(PRETRAIN),
-            *args,
-        ]
+    cmd = script_cmd(PRETRAIN, [f"run.output_dir={output_dir}", *overrides], nproc)
     # A new session, so a timeout can stop torchrun's workers too, not only torchrun.
     with subprocess.Popen(
         cmd,

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, script_cmd, subprocess_env
 
 CONVERT = REPO / "launch" / "convert.py"
 TINY_MODEL = ["+model=ling_tiny", "data=mock", "data.seq_length=32"]
@@ -71,18 +70,7 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 
 def run_convert(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 240):
-    if nproc == 1:
-        cmd = [sys.executable, str(CONVERT), *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            str(CONVERT),
-            *args,
-        ]
+    cmd = script_cmd(CONVERT, args, nproc)
     proc = subprocess.run(
         cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
     )

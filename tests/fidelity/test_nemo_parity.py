@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, script_cmd, subprocess_env
 
 HERE = Path(__file__).parent
 EVALUATE = REPO / "launch" / "evaluate.py"
@@ -55,18 +55,6 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return proc
 
 
-def _launcher(nproc: int) -> list[str]:
-    if nproc == 1:
-        return [sys.executable]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-    ]
-
-
 @pytest.fixture(scope="module")
 def nemo_checkpoint(tmp_path_factory) -> dict:
     _require_nemo()
@@ -96,21 +84,23 @@ def _ce(logits: np.ndarray, targets: np.ndarray) -> float:
 def _evaluate(ck: dict, out: Path, nproc: int, extra: list[str], checkpoint: Path) -> tuple:
     logits_file, json_file = out / "logits.npz", out / "eval.json"
     proc = _run(
-        [
-            *_launcher(nproc),
-            str(EVALUATE),
-            "--checkpoint",
-            str(checkpoint),
-            "--tokens",
-            str(ck["tokens"]),
-            "--batch-size",
-            "2",
-            "--save-logits",
-            str(logits_file),
-            "--output",
-            str(json_file),
-            *extra,
-        ]
+        script_cmd(
+            EVALUATE,
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--tokens",
+                str(ck["tokens"]),
+                "--batch-size",
+                "2",
+                "--save-logits",
+                str(logits_file),
+                "--output",
+                str(json_file),
+                *extra,
+            ],
+            nproc,
+        )
     )
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert printed == json.loads(json_file.read_text())

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, script_cmd, subprocess_env
 
 WORKER = Path(__file__).with_name("mcore_worker.py")
 BASE = [
@@ -26,10 +25,7 @@ BASE = [
 
 
 def run_worker(mode: str, out: Path, overrides: list[str], nproc: int) -> list[dict]:
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = [*launcher, str(WORKER), mode, str(out), *BASE, *overrides]
+    cmd = script_cmd(WORKER, [mode, str(out), *BASE, *overrides], nproc)
     proc = subprocess.run(
         cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240
     )

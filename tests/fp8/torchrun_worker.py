@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, script_cmd, subprocess_env
 
 
 def run_worker(module_file: str, nproc: int = 2, timeout: int = 300) -> str:
@@ -15,14 +14,7 @@ def run_worker(module_file: str, nproc: int = 2, timeout: int = 300) -> str:
     Raises:
         AssertionError: The run failed; the message holds the end of its output.
     """
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(Path(module_file).resolve()),
-    ]
+    cmd = script_cmd(Path(module_file).resolve(), [], nproc)
     proc = subprocess.run(
         cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
     )
