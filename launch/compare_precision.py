@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ling_pretrain.utils.io import atomic_write_json
+
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "launch" / "pretrain.py"
 
@@ -147,9 +149,7 @@ def main(argv: list[str]) -> None:
             k: [{"step": r["step"], "loss": r["loss"]} for r in v] for k, v in curves.items()
         },
     }
-    tmp = out / "comparison.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "comparison.json")
+    atomic_write_json(out / "comparison.json", result)
     label = f"{args.recipe}{' (emulated)' if emulate else ''}"
     _plot(
         out / "comparison.png",

@@ -98,9 +98,9 @@ def _say(msg: str) -> None:
 def _write_config(cfg, path: Path) -> None:
     from omegaconf import OmegaConf
 
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    from ling_pretrain.utils.io import atomic_write_text
+
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def hf_to_mcore(args: argparse.Namespace, overrides: list[str]) -> None:

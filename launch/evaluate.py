@@ -150,13 +150,13 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict | None:
         load_token_file,
         make_batches,
         save_npz_atomic,
-        write_text_atomic,
     )
     from ling_pretrain.runtime.distributed import (
         destroy_distributed,
         init_distributed,
         world_size_from_env,
     )
+    from ling_pretrain.utils.io import atomic_write_json
 
     if args.batch_size < 1 or (args.num_batches is not None and args.num_batches < 1):
         raise ConfigError("--batch-size and --num-batches must be >= 1.")
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict | None:
         if is_reporter():
             if args.save_logits:
                 result["logits_file"] = str(save_npz_atomic(args.save_logits, arrays))
-            write_text_atomic(args.output, json.dumps(result, indent=2) + "\n")
+            atomic_write_json(args.output, result)
             print(json.dumps(result), flush=True)
         return result
     finally:

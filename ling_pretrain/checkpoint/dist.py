@@ -29,6 +29,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ling_pretrain.optim.adam8bit import Adam8bit, fp32_moments, inner_optimizers
+from ling_pretrain.utils.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +74,6 @@ def iter_dir_name(step: int) -> str:
     return f"iter_{step:07d}"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def find_latest(save_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint directory in ``save_dir``, or None."""
     root = Path(save_dir)
@@ -98,9 +90,11 @@ def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
 
-def _unwrap(chunk: Any) -> Any:
-    """The model chunk inside a DDP wrapper (checkpoint keys are the model's own)."""
-    return getattr(chunk, "module", chunk)
+def unwrap(chunk: Any) -> Any:
+    """The model chunk inside its wrappers (DDP, ...): checkpoint keys are the model's own."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
 
 
 def model_sharded_state_dict(model: list) -> dict:
@@ -113,7 +107,7 @@ def model_sharded_state_dict(model: list) -> dict:
 
     metadata = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
     return {
-        _model_key(i, len(model)): _unwrap(m).sharded_state_dict(metadata=metadata)
+        _model_key(i, len(model)): unwrap(m).sharded_state_dict(metadata=metadata)
         for i, m in enumerate(model)
     }
 
@@ -154,11 +148,11 @@ def save_checkpoint(
     dist.barrier()
     if dist.get_rank() == 0:
         record = asdict(state) | {"weights_only": optimizer is None}
-        _atomic_write_text(partial / STATE_FILE, json.dumps(record, indent=2))
+        atomic_write_json(partial / STATE_FILE, record)
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
-        _atomic_write_text(root / LATEST, final.name)
+        atomic_write_text(root / LATEST, final.name)
         if keep_last > 0:
             done = sorted(
                 p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial")
@@ -270,7 +264,7 @@ def load_checkpoint(
             )
         state_dict = dist_checkpointing.load(sharded, str(ckpt))
         for i, m in enumerate(model):
-            _unwrap(m).load_state_dict(state_dict[_model_key(i, len(model))], strict=True)
+            unwrap(m).load_state_dict(state_dict[_model_key(i, len(model))], strict=True)
         if optimizer is None:
             return TrainState()
         import torch

@@ -62,7 +62,9 @@ from typing import Any
 
 import torch
 
+from ling_pretrain.checkpoint.dist import unwrap
 from ling_pretrain.config.validate import ConfigError
+from ling_pretrain.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -740,12 +742,6 @@ class _Parallel:
         )
 
 
-def _unwrap(chunk: Any) -> Any:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def _num_local_experts(layer: Any) -> int:
     experts = getattr(layer.mlp, "experts", None)
     if experts is None:
@@ -799,7 +795,7 @@ def local_tensors(chunks: list) -> Iterator[tuple[Any, str, torch.Tensor, str]]:
     """(chunk, local name, tensor, canonical name) of every weight and expert bias here."""
     ep_rank = _Parallel.current().ep_rank
     for chunk in chunks:
-        model = _unwrap(chunk)
+        model = unwrap(chunk)
         seen: set[int] = set()
         for name, tensor in model.state_dict(keep_vars=True).items():
             if tensor is None or not isinstance(tensor, torch.Tensor) or id(tensor) in seen:
@@ -1190,13 +1186,13 @@ def export_hf(
             "metadata": {"total_size": total},
             "weight_map": {k: rename[v] for k, v in sorted(weight_map.items())},
         }
-        _write_json(partial / INDEX_FILE, index)
+        atomic_write_json(partial / INDEX_FILE, index)
         config = hf_config_from_model(
             cfg.model, torch_dtype="float32" if dtype == "fp32" else "bfloat16"
         )
         if dtype == "fp8":
             config["quantization_config"] = _fp8_quantization_config(cfg.model)
-        _write_json(partial / CONFIG_FILE, config)
+        atomic_write_json(partial / CONFIG_FILE, config)
         if template is not None:
             copied = _copy_template(template, partial)
             logger.info("copied from %s: %s", template, ", ".join(copied) or "nothing")
@@ -1218,11 +1214,3 @@ def _safetensors_data_bytes(path: Path) -> int:
     with open(path, "rb") as f:
         header = int.from_bytes(f.read(8), "little")
     return path.stat().st_size - 8 - header
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

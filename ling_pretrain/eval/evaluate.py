@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ling_pretrain.checkpoint.dist import unwrap
 from ling_pretrain.config.validate import ConfigError
 
 
@@ -140,12 +141,6 @@ def make_batches(tokens: np.ndarray, batch_size: int, num_batches: int | None) -
     return batches
 
 
-def _unwrap(chunk: Any) -> Any:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def _gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Full-vocabulary logits from this tensor-parallel rank's slice (collective over TP)."""
     from megatron.core import parallel_state as ps
@@ -199,7 +194,7 @@ def evaluate(
     hook = None
     if last:
         # Clone: megatron's cross entropy then works on the logits in place.
-        head = _unwrap(model[-1]).output_layer
+        head = unwrap(model[-1]).output_layer
         hook = head.register_forward_hook(lambda _m, _i, out: calls.append(out[0].clone()))
     for chunk in model:
         chunk.eval()
@@ -290,13 +285,4 @@ def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> P
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return out
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, out)
     return out

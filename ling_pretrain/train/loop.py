@@ -21,17 +21,13 @@ from ling_pretrain.runtime.distributed import (
 from ling_pretrain.train import metrics
 from ling_pretrain.train.setup import TrainParts, setup
 from ling_pretrain.train.step import eval_step, train_step
+from ling_pretrain.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 
 def _write_config(cfg: Any, output_dir: str) -> None:
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "config.yaml")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    atomic_write_text(os.path.join(output_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _evaluate(parts: TrainParts) -> float | None:
