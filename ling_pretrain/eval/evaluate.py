@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from ling_pretrain.checkpoint.dist import unwrap
 from ling_pretrain.config.validate import ConfigError
+from ling_pretrain.utils.io import atomic_write
 
 
 def check_tokens(tokens: np.ndarray, source: str, vocab_size: int, max_positions: int) -> None:
@@ -274,15 +275,4 @@ def evaluate(
 
 def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
     """Write ``arrays`` to ``path`` (.npz) through a temporary file and a rename."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
