@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ling_pretrain.utils.io import atomic_write_json
+from ling_pretrain.core.io import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "launch" / "pretrain.py"

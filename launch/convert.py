@@ -98,7 +98,7 @@ def _say(msg: str) -> None:
 def _write_config(cfg, path: Path) -> None:
     from omegaconf import OmegaConf
 
-    from ling_pretrain.utils.io import atomic_write_text
+    from ling_pretrain.core.io import atomic_write_text
 
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -266,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     from ling_pretrain.config.validate import ConfigError
-    from ling_pretrain.utils.logging import setup_logging
+    from ling_pretrain.core.log import setup_logging
 
     args, overrides = _parser().parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("--")]

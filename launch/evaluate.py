@@ -142,6 +142,7 @@ def _progress(done: int, total: int) -> None:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> dict | None:
     from ling_pretrain.config.validate import ConfigError, validate
+    from ling_pretrain.core.io import atomic_write_json
     from ling_pretrain.eval.evaluate import (
         check_tokens,
         evaluate,
@@ -156,7 +157,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict | None:
         init_distributed,
         world_size_from_env,
     )
-    from ling_pretrain.utils.io import atomic_write_json
 
     if args.batch_size < 1 or (args.num_batches is not None and args.num_batches < 1):
         raise ConfigError("--batch-size and --num-batches must be >= 1.")
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict | None:
 def main(argv: list[str] | None = None) -> None:
     from ling_pretrain.config.store import register_schemas
     from ling_pretrain.config.validate import ConfigError
-    from ling_pretrain.utils.logging import setup_logging
+    from ling_pretrain.core.log import setup_logging
 
     args, overrides = _parser().parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("--")]

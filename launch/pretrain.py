@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from ling_pretrain.config.store import register_schemas
 from ling_pretrain.config.validate import ConfigError
-from ling_pretrain.utils.logging import setup_logging
+from ling_pretrain.core.log import setup_logging
 
 register_schemas()
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ling_pretrain.core.io import atomic_write_json, atomic_write_text
 from ling_pretrain.optim.adam8bit import Adam8bit, fp32_moments, inner_optimizers
-from ling_pretrain.utils.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ import torch
 
 from ling_pretrain.checkpoint.dist import unwrap
 from ling_pretrain.config.validate import ConfigError
-from ling_pretrain.utils.io import atomic_write_json
+from ling_pretrain.core.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

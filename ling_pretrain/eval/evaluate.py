@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ling_pretrain.checkpoint.dist import unwrap
 from ling_pretrain.config.validate import ConfigError
-from ling_pretrain.utils.io import atomic_write
+from ling_pretrain.core.io import atomic_write
 
 
 def check_tokens(tokens: np.ndarray, source: str, vocab_size: int, max_positions: int) -> None:

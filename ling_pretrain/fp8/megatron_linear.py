@@ -90,6 +90,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from ling_pretrain.core.recipes import FP8_RECIPE_NAMES, RECIPES
 from ling_pretrain.fp8.emulation import (
     BlockwiseEmulation,
     FP8EmulationSpec,
@@ -114,17 +115,9 @@ __all__ = [
 Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-_BLOCKWISE_RECIPES = ("blockwise", "blockwise_fp8_params")
-EMULATED_RECIPES = (*_BLOCKWISE_RECIPES, "tensorwise", "mxfp8")
-"""``fp8.recipe`` values that have FP8 GEMMs to emulate."""
-
-
-def _megatron_formats(recipe: str) -> tuple[str, str]:
-    """(forward, gradient) formats of a recipe, from the same table the TE path uses."""
-    from ling_pretrain.models.ling.mcore_config import FP8_RECIPES
-
-    fmt = FP8_RECIPES[recipe][0]
-    return ("e4m3", "e5m2") if fmt == "hybrid" else (fmt, fmt)
+EMULATED_RECIPES = FP8_RECIPE_NAMES
+"""``fp8.recipe`` values that have FP8 GEMMs to emulate (every FP8 recipe)."""
+_BLOCKWISE_RECIPES = tuple(n for n in FP8_RECIPE_NAMES if RECIPES[n].scaling == "blockwise")
 
 
 def emulation_for_config(fp8_cfg: Any) -> FP8GemmEmulation:
@@ -147,11 +140,12 @@ def emulation_for_config(fp8_cfg: Any) -> FP8GemmEmulation:
             f"fp8.recipe={recipe!r} has no FP8 GEMMs to emulate; emulated recipes: "
             f"{', '.join(EMULATED_RECIPES)}"
         )
-    fmt, grad_fmt = _megatron_formats(recipe)
-    if recipe in _BLOCKWISE_RECIPES:
+    entry = RECIPES[recipe]
+    fmt, grad_fmt = entry.formats
+    if entry.scaling == "blockwise":
         spec = FP8EmulationSpec(fmt=fmt, grad_fmt=grad_fmt)
         return BlockwiseEmulation(spec=spec, name=recipe)
-    if recipe == "tensorwise":
+    if entry.scaling == "tensorwise":
         return TensorwiseEmulation(fmt=fmt, grad_fmt=grad_fmt)
     return MXFP8Emulation(block=32, fmt=fmt)
 

@@ -109,7 +109,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ling_pretrain.config.validate import FP8_RECIPES, PARAMS_DTYPES, Layout, derive_layout
+from ling_pretrain.core.dtypes import PARAMS_DTYPES
+from ling_pretrain.core.layout import Layout, derive_layout
+from ling_pretrain.core.recipes import RECIPES, get_recipe
 
 __all__ = [
     "CLASSES",
@@ -266,15 +268,16 @@ def _round_up(n: int, multiple: int) -> int:
 
 def _scale_bytes(recipe: str, rows: int, cols: int) -> tuple[int, int]:
     """(row-wise, column-wise) ``scale_inv`` bytes of one ``[rows, cols]`` FP8 weight."""
-    if recipe.startswith("blockwise"):
+    scaling = get_recipe(recipe).scaling
+    if scaling == "blockwise":
         row = _div(rows, FP8_BLOCK) * _round_up(_div(cols, FP8_BLOCK), 4)
         col = _div(cols, FP8_BLOCK) * _round_up(_div(rows, FP8_BLOCK), 4)
         return 4 * row, 4 * col
-    if recipe == "mxfp8":
+    if scaling == "mxfp8":
         row = _round_up(rows, 128) * _round_up(_div(cols, MX_BLOCK), 4)
         col = _round_up(_div(rows, MX_BLOCK), 4) * _round_up(cols, 128)
         return row, col
-    if recipe == "tensorwise":
+    if scaling == "tensorwise":
         return 4, 0
     raise AssertionError(recipe)
 
@@ -410,13 +413,17 @@ def _check(cfg: Any, world_size: int, settings: MemorySettings) -> None:
         problems.append(
             f"trainer.params_dtype={settings.params_dtype!r} is not one of fp32, bf16, fp16"
         )
-    if settings.recipe not in FP8_RECIPES:
-        problems.append(f"fp8 recipe {settings.recipe!r} is not one of {', '.join(FP8_RECIPES)}")
+    if settings.recipe not in RECIPES:
+        problems.append(f"fp8 recipe {settings.recipe!r} is not one of {', '.join(RECIPES)}")
     if settings.optimizer not in OPTIMIZERS:
         problems.append(f"optimizer {settings.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if settings.fp8_primary_weights and settings.recipe == "bf16":
         problems.append("FP8 primary weights need an FP8 recipe (fp8.recipe is bf16)")
-    if settings.on_demand_transpose and settings.recipe in ("bf16", "mxfp8"):
+    if (
+        settings.on_demand_transpose
+        and settings.recipe in RECIPES
+        and RECIPES[settings.recipe].scaling not in ("blockwise", "tensorwise")
+    ):
         problems.append(
             f"on-demand transpose needs an FP8 recipe whose column-wise copy is the transpose of "
             f"the row-wise one (blockwise, tensorwise); fp8.recipe is {settings.recipe}"
@@ -432,7 +439,7 @@ def te_can_transpose_on_demand(recipe: str, fp8_primary_weights: bool) -> bool:
     row-wise one (``ling_pretrain.fp8.te_on_demand_transpose``); with BF16 primary weights TE
     quantises a cached FP8 workspace, and per-tensor scaled weights keep a cached transpose.
     """
-    return recipe.startswith("blockwise") and bool(fp8_primary_weights)
+    return get_recipe(recipe).weight_blocks_square and bool(fp8_primary_weights)
 
 
 def memory_breakdown(
@@ -474,8 +481,9 @@ def memory_breakdown(
     """
     recipe = cfg.fp8.recipe if recipe is None else recipe
     if fp8_primary_weights is None:
-        fp8_primary_weights = recipe != "bf16" and (
-            cfg.fp8.fp8_param_gather or recipe == "blockwise_fp8_params"
+        entry = get_recipe(recipe)
+        fp8_primary_weights = entry.is_fp8 and (
+            cfg.fp8.fp8_param_gather or entry.fp8_primary_weights
         )
     if on_demand_transpose is None:
         on_demand_transpose = bool(getattr(cfg.fp8, "on_demand_transpose", False))

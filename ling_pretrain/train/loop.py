@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from ling_pretrain.checkpoint.dist import save_checkpoint
 from ling_pretrain.config.validate import validate
+from ling_pretrain.core.io import atomic_write_text
 from ling_pretrain.data.gpt import make_loader
 from ling_pretrain.runtime.distributed import (
     destroy_distributed,
@@ -21,7 +22,6 @@ from ling_pretrain.runtime.distributed import (
 from ling_pretrain.train import metrics
 from ling_pretrain.train.setup import TrainParts, setup
 from ling_pretrain.train.step import eval_step, train_step
-from ling_pretrain.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

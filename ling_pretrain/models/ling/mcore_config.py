@@ -13,15 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ling_pretrain.core.recipes import get_recipe
 
-# Our FP8 recipe name -> (megatron fp8 format, megatron fp8_recipe).
-FP8_RECIPES: dict[str, tuple[str, str]] = {
-    "blockwise": ("e4m3", "blockwise"),
-    "blockwise_fp8_params": ("e4m3", "blockwise"),
-    "tensorwise": ("hybrid", "tensorwise"),
-    "mxfp8": ("e4m3", "mxfp8"),
-}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def emulates_fp8(cfg: Any) -> bool:
@@ -136,11 +130,11 @@ def transformer_config_kwargs(cfg: Any) -> dict[str, Any]:
     if t.recompute_granularity == "selective" and t.recompute_modules:
         kwargs["recompute_modules"] = list(t.recompute_modules)
     if f.recipe != "bf16" and not f.emulate:
-        fmt, recipe = FP8_RECIPES[f.recipe]
+        recipe = get_recipe(f.recipe)
         kwargs.update(
-            fp8=fmt,
-            fp8_recipe=recipe,
-            fp8_param=f.recipe == "blockwise_fp8_params" or f.fp8_param_gather,
+            fp8=recipe.megatron_format,
+            fp8_recipe=recipe.megatron_recipe,
+            fp8_param=recipe.fp8_primary_weights or f.fp8_param_gather,
             first_last_layers_bf16=f.first_last_layers_bf16,
             num_layers_at_start_in_bf16=f.num_layers_at_start_in_bf16,
             num_layers_at_end_in_bf16=f.num_layers_at_end_in_bf16,
