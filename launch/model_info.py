@@ -10,15 +10,13 @@
 import json
 import sys
 
-from ling_pretrain.config import compose
-from ling_pretrain.models.ling.params import count_parameters
+from ling_pretrain.config import compose_or_exit
+from ling_pretrain.models.registry import get_family
 
 
 def main(argv: list[str]) -> None:
-    if not any(a.startswith(("+model=", "model=")) for a in argv):
-        raise SystemExit("choose a model preset, e.g. python launch/model_info.py +model=ling_mini")
-    cfg = compose(argv)
-    counts = count_parameters(cfg.model).as_dict()
+    cfg = compose_or_exit(argv)
+    counts = get_family(cfg.model).count_parameters(cfg.model).as_dict()
     print(json.dumps({"model": cfg.model.name, **counts}, indent=2))
 
 

@@ -12,8 +12,9 @@ import hydra
 from omegaconf import DictConfig
 
 from ling_pretrain.config.store import register_schemas
-from ling_pretrain.config.validate import ConfigError
+from ling_pretrain.core.errors import ConfigError
 from ling_pretrain.core.log import setup_logging
+from ling_pretrain.train.loop import train
 
 register_schemas()
 
@@ -21,8 +22,6 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging(cfg.logging.level)
-    from ling_pretrain.train.loop import train
-
     try:
         train(cfg)
     except ConfigError as err:

@@ -29,31 +29,12 @@ from typing import Any
 import torch.distributed as dist
 
 from ling_pretrain.core.io import atomic_write_json, atomic_write_text
-from ling_pretrain.optim.adam8bit import Adam8bit, fp32_moments, inner_optimizers
+from ling_pretrain.optim import checkpointing as optimizer_state
 
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 STATE_FILE = "train_state.json"
-
-
-def optimizer_metadata(optimizer: Any = None) -> dict:
-    """How megatron's distributed optimizer lays out its state in a checkpoint.
-
-    ``fully_reshardable`` keys optimizer states by parameter, so a checkpoint resumes under
-    any TP/PP/EP/DP layout. megatron-core cannot load that format into torch's AdamW (its
-    fallback without apex or TransformerEngine) or into our 8-bit Adam, which keeps the same
-    per-parameter ``step``: it copies every per-parameter state key, including the ``step``
-    that format does not save. With those we use ``dp_reshardable``, which resumes across
-    data-parallel sizes only; weights (and ``checkpoint.init_from``) reshard across every
-    layout either way.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    eight_bit = any(isinstance(o, Adam8bit) for o in inner_optimizers(optimizer))
-    full = distrib_optimizer.HAVE_APEX_OR_TE and not eight_bit
-    kind = "fully_reshardable" if full else "dp_reshardable"
-    return {"distrib_optim_sharding_type": kind, "chained_optim_avoid_prefix": True}
 
 
 @dataclass
@@ -137,11 +118,10 @@ def save_checkpoint(
         partial.mkdir()
     dist.barrier()
     sharded = model_sharded_state_dict(model)
-    # 8-bit Adam moments are written as fp32 (plain Adam's format); the 8-bit state is kept.
-    with fp32_moments(optimizer, loading=False):
+    with optimizer_state.saving(optimizer):
         if optimizer is not None:
             sharded["optimizer"] = optimizer.sharded_state_dict(
-                sharded, metadata=optimizer_metadata(optimizer)
+                sharded, metadata=optimizer_state.sharding_metadata(optimizer)
             )
             sharded["scheduler"] = scheduler.state_dict()
         dist_checkpointing.save(sharded, str(partial))
@@ -184,58 +164,6 @@ def resolve_checkpoint_dir(path: str) -> Path:
     return p
 
 
-def _inner_optimizers(optimizer: Any) -> list:
-    chained = getattr(optimizer, "chained_optimizers", None)
-    return [o.optimizer for o in chained] if chained is not None else [optimizer.optimizer]
-
-
-def _prime_adam_state(optimizer: Any) -> None:
-    """Create the (zero) Adam state torch creates lazily at the first step.
-
-    megatron's distributed optimizer reads ``state['step']`` of torch's Adam (the fallback
-    without apex/TE) while building the state dict it loads into, which fails before any step
-    has run. The values are overwritten by the load.
-    """
-    import torch
-
-    for inner in _inner_optimizers(optimizer):
-        if not isinstance(inner, torch.optim.Adam):
-            continue  # apex / TE FusedAdam keep the step elsewhere
-        for group in inner.param_groups:
-            for p in group["params"]:
-                state = inner.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state.setdefault(
-                        "exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format)
-                    )
-                    state.setdefault(
-                        "exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format)
-                    )
-
-
-def _restore_adam_steps(optimizer: Any) -> None:
-    """Set torch AdamW's per-parameter step counters from the restored param groups.
-
-    For torch's AdamW megatron restores the iteration into each param group's ``step`` but
-    leaves the per-parameter ``state['step']`` that AdamW's bias correction reads at its
-    pre-load value, and where it does set it, one tensor is shared by all parameters (AdamW
-    increments it in place). Each parameter gets its own counter equal to its group's step.
-    """
-    import torch
-
-    for inner in _inner_optimizers(optimizer):
-        if not isinstance(inner, (torch.optim.Adam, Adam8bit)):
-            continue
-        for group in inner.param_groups:
-            if group.get("step") is None:
-                continue
-            for p in group["params"]:
-                state = inner.state.get(p)
-                if state and "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
-
-
 def load_checkpoint(
     path: str | os.PathLike,
     model: list,
@@ -254,13 +182,10 @@ def load_checkpoint(
     if saved.get("weights_only"):
         optimizer = scheduler = None
     sharded = model_sharded_state_dict(model)
-    if optimizer is not None:
-        _prime_adam_state(optimizer)
-    # 8-bit Adam shows fp32 moments while megatron loads into them, and encodes them after.
-    with fp32_moments(optimizer, loading=True):
+    with optimizer_state.loading(optimizer):
         if optimizer is not None:
             sharded["optimizer"] = optimizer.sharded_state_dict(
-                sharded, is_loading=True, metadata=optimizer_metadata(optimizer)
+                sharded, is_loading=True, metadata=optimizer_state.sharding_metadata(optimizer)
             )
         state_dict = dist_checkpointing.load(sharded, str(ckpt))
         for i, m in enumerate(model):
@@ -271,7 +196,6 @@ def load_checkpoint(
 
         with torch.no_grad():  # copies into fp32 master weights, which are leaves requiring grad
             optimizer.load_state_dict(state_dict["optimizer"])
-        _restore_adam_steps(optimizer)
     if scheduler is not None and "scheduler" in state_dict:
         scheduler.load_state_dict(state_dict["scheduler"])
     return TrainState(**saved)

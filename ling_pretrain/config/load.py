@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ling_pretrain.config.store import register_schemas
+from ling_pretrain.core.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 """The shipped Hydra configuration directory."""
@@ -32,3 +33,37 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def has_model_override(overrides: Sequence[str]) -> bool:
+    """Whether the overrides choose a model preset (``+model=...`` or ``model=...``)."""
+    return any(o.startswith(("+model=", "model=")) for o in overrides)
+
+
+def compose_job(overrides: Sequence[str] = ()) -> DictConfig:
+    """:func:`compose` for a job, with user mistakes turned into a :class:`ConfigError`.
+
+    Raises:
+        ConfigError: no model preset chosen, or an override Hydra cannot apply.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not has_model_override(overrides):
+        presets = ", ".join(sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
+        raise ConfigError(
+            f"no model chosen: add +model=<preset> to the command (presets: {presets}), e.g. "
+            "+model=ling_tiny for a CPU run."
+        )
+    try:
+        return compose(overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"cannot compose the config: {err}") from None
+
+
+def compose_or_exit(overrides: Sequence[str] = ()) -> DictConfig:
+    """:func:`compose_job` for command-line tools: a mistake ends the process with its message."""
+    try:
+        return compose_job(overrides)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None

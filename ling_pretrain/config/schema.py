@@ -6,7 +6,8 @@ composed, naming the key. Each field's docstring is the configuration reference:
 ``docs/configuration.md`` is generated from them.
 
 Where a field passes straight through to megatron-core it carries megatron-core's name, so the
-mapping in :mod:`ling_pretrain.models.ling.mcore_config` stays mechanical.
+mappings (the model family's ``transformer_kwargs``, :mod:`ling_pretrain.models.mcore`,
+:mod:`ling_pretrain.optim.mcore`, :mod:`ling_pretrain.train.ddp`) stay mechanical.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from omegaconf import MISSING
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """A Ling 2.0 (BailingMoeV2) architecture. Presets live in ``conf/model/``."""
+    """A model architecture of one family (``ling_pretrain/models/<family>/``). Presets live
+    in ``conf/model/``. The mixture-of-experts fields are null for dense models, as in
+    megatron-core; Ling 2.0 presets set them."""
 
     name: str = MISSING
     """Preset name, used in run names and logs (e.g. ``ling_mini``)."""
+    family: str = "ling"
+    """Model family: the package ``ling_pretrain/models/<family>/`` that builds, converts,
+    counts and checks it (``ling``: Ling 2.0 / BailingMoeV2)."""
     num_layers: int = MISSING
     """Decoder layers, not counting MTP layers (HF ``num_hidden_layers``)."""
     hidden_size: int = MISSING
@@ -34,10 +40,10 @@ class ModelConfig:
     kv_channels: int = 128
     """Per-head dimension (HF ``head_dim``)."""
     ffn_hidden_size: int = MISSING
-    """Width of the dense SwiGLU MLP in the first ``first_k_dense_replace`` layers
-    (HF ``intermediate_size``)."""
+    """Width of the dense SwiGLU MLP (in MoE models: of the first ``first_k_dense_replace``
+    layers; HF ``intermediate_size``)."""
     first_k_dense_replace: int = 1
-    """Number of leading layers that use a dense MLP instead of MoE (HF name)."""
+    """MoE models: number of leading layers that use a dense MLP instead of MoE (HF name)."""
     vocab_size: int = 157184
     """Vocabulary size of the embedding and output layer (HF ``vocab_size``)."""
     max_position_embeddings: int = 32768
@@ -50,12 +56,13 @@ class ModelConfig:
     """RMSNorm epsilon (HF ``rms_norm_eps``)."""
     init_method_std: float = 0.02
     """Standard deviation of the normal initialisation of new weights."""
-    num_moe_experts: int = MISSING
-    """Routed experts per MoE layer (HF ``num_experts``)."""
-    moe_ffn_hidden_size: int = MISSING
-    """Width of each routed expert (HF ``moe_intermediate_size``)."""
-    moe_shared_expert_intermediate_size: int = MISSING
-    """Total width of the shared expert(s): ``num_shared_experts * moe_intermediate_size``."""
+    num_moe_experts: int | None = None
+    """Routed experts per MoE layer (HF ``num_experts``); null for a dense model."""
+    moe_ffn_hidden_size: int | None = None
+    """Width of each routed expert (HF ``moe_intermediate_size``); null for a dense model."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Total width of the shared expert(s): ``num_shared_experts * moe_intermediate_size``
+    (0: none); null for a dense model."""
     moe_router_topk: int = 8
     """Experts chosen per token (HF ``num_experts_per_tok``)."""
     moe_router_num_groups: int = 8

@@ -27,3 +27,10 @@ def setup_logging(level: str = "INFO") -> None:
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
     for noisy in ("megatron.core", "megatron"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
+    """A tqdm bar (a no-op when not ``enabled``, e.g. on ranks other than 0)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, mininterval=1.0)

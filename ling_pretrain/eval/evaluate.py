@@ -29,8 +29,10 @@ import torch
 import torch.distributed as dist
 
 from ling_pretrain.checkpoint.dist import unwrap
-from ling_pretrain.config.validate import ConfigError
+from ling_pretrain.core.errors import ConfigError
 from ling_pretrain.core.io import atomic_write
+from ling_pretrain.train.mtp import mtp_token_mask
+from ling_pretrain.train.step import forward_step
 
 
 def check_tokens(tokens: np.ndarray, source: str, vocab_size: int, max_positions: int) -> None:
@@ -184,9 +186,6 @@ def evaluate(
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    from ling_pretrain.train.mtp import mtp_token_mask
-    from ling_pretrain.train.step import forward_step
 
     mtp_layers = cfg.model.mtp_num_layers
     vocab = cfg.model.vocab_size

@@ -1,25 +1,36 @@
-"""Build the megatron-core Ling 2.0 model: the only place a ``GPTModel`` is constructed.
+"""Build megatron-core model chunks for any model family: the only place a ``GPTModel`` is
+constructed.
 
-Ling 2.0 maps onto megatron-core's GPT model with RMSNorm, per-head QK-norm (one weight of
-size head_dim shared by all heads, before RoPE), partial NeoX-style RoPE (``rotary_percent``),
-untied embeddings, dense first layers via ``moe_layer_freq``, the sigmoid group-limited router
-with expert bias, a shared expert, and MTP layers whose transformer layer is a copy of the last
-decoder layer's spec (an MoE layer).
+The family supplies the architecture (``TransformerConfig`` fields and ``GPTModel``
+arguments); everything else here is model-independent:
 
-Layer specs: TransformerEngine's on GPUs with TE (needed for FP8), megatron's local
-(pure-PyTorch) ones otherwise. Spec functions are called with keyword arguments only, since
-their positional parameters differ between megatron-core releases.
+* layer specs: TransformerEngine's on GPUs with TE (needed for FP8), megatron's local
+  (pure-PyTorch) ones otherwise, with every local norm replaced by our
+  :class:`~ling_pretrain.models.norm.RMSNorm` (fp32 compute, sequence-parallel aware). Spec
+  functions are called with keyword arguments only, since their positional parameters differ
+  between megatron-core releases. MTP layers copy the last decoder layer's spec;
+* FP8: the emulated GEMMs (``fp8.emulate``) replace the local linear layers, and on-demand
+  transpose is installed on TransformerEngine's FP8 weights;
+* two corrections to megatron-core: routed-expert gradients are summed over every rank that
+  holds a copy of the expert, and the expert bias must be fp32.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ling_pretrain.models.ling.mcore_config import (
+import torch
+
+from ling_pretrain.fp8 import te_on_demand_transpose
+from ling_pretrain.fp8.megatron_linear import emulated_fp8_layer_specs
+from ling_pretrain.models.mcore import (
     build_transformer_config,
     emulates_fp8,
+    on_cuda,
     uses_transformer_engine,
 )
+from ling_pretrain.models.norm import RMSNorm
+from ling_pretrain.models.registry import get_family
 
 
 def _swap_modules(spec: Any, old: tuple, new: type, seen: set | None = None) -> Any:
@@ -71,7 +82,7 @@ def _local_norm_classes() -> tuple:
 def build_layer_specs(config: Any, use_te: bool, vp_stage: int | None = None):
     """Decoder block spec and MTP block spec (None when this stage has no MTP layer).
 
-    On the local path every norm is :class:`~ling_pretrain.models.ling.norm.RMSNorm`.
+    On the local path every norm is :class:`~ling_pretrain.models.norm.RMSNorm`.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -91,8 +102,6 @@ def build_layer_specs(config: Any, use_te: bool, vp_stage: int | None = None):
                 config=config, spec=block_spec, use_transformer_engine=use_te, vp_stage=vp_stage
             )
     if not use_te:
-        from ling_pretrain.models.ling.norm import RMSNorm
-
         norms = _local_norm_classes()
         block_spec = _swap_modules(block_spec, norms, RMSNorm)
         if mtp_spec is not None:
@@ -108,25 +117,17 @@ def build_model_chunk(cfg: Any, config: Any, vp_stage: int | None = None):
     use_te = uses_transformer_engine(cfg)
     block_spec, mtp_spec = build_layer_specs(config, use_te, vp_stage)
     if emulates_fp8(cfg):
-        from ling_pretrain.fp8.megatron_linear import emulated_fp8_layer_specs
-
         block_spec, mtp_spec = emulated_fp8_layer_specs(
             block_spec, mtp_spec, config, cfg.fp8, vp_stage=vp_stage
         )
-    m = cfg.model
     return GPTModel(
         config=config,
         transformer_layer_spec=block_spec,
-        vocab_size=m.vocab_size,
-        max_sequence_length=m.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-        rotary_percent=m.rotary_percent,
-        rotary_base=m.rotary_base,
         mtp_block_spec=mtp_spec,
         vp_stage=vp_stage,
+        **get_family(cfg.model).gpt_model_kwargs(cfg.model),
     )
 
 
@@ -136,22 +137,18 @@ def build_model(cfg: Any) -> list:
     Requires megatron's parallel state to be initialised. Returns one chunk per virtual
     pipeline stage (a single chunk without VPP).
     """
-    import torch
-
     config = build_transformer_config(cfg)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     stages = [None] if not vpp else list(range(vpp))
     chunks = [build_model_chunk(cfg, config, vp_stage=s) for s in stages]
-    if torch.cuda.is_available() and cfg.run.device != "cpu":
+    if on_cuda(cfg):
         for chunk in chunks:
             chunk.cuda(torch.cuda.current_device())
     for chunk in chunks:
         _keep_expert_bias_fp32(chunk)
         _reduce_replicated_experts_over_expert_dp(chunk, config)
     if cfg.fp8.on_demand_transpose and uses_transformer_engine(cfg) and config.fp8_param:
-        from ling_pretrain.fp8.te_on_demand_transpose import install
-
-        install(chunks)
+        te_on_demand_transpose.install(chunks)
     return chunks
 
 
@@ -176,8 +173,6 @@ def _reduce_replicated_experts_over_expert_dp(chunk: Any, config: Any) -> None:
 
 def _keep_expert_bias_fp32(chunk: Any) -> None:
     """The expert bias is an fp32 buffer whatever the params dtype (it must never round)."""
-    import torch
-
     for name, buf in chunk.named_buffers():
         if name.endswith("expert_bias") and buf.dtype != torch.float32:
             raise TypeError(f"{name} is {buf.dtype}; the expert bias must stay fp32")

@@ -112,3 +112,12 @@ def destroy_distributed() -> None:
 def is_rank0() -> bool:
     """Whether this is global rank 0 (True before the process group exists)."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_gather_objects(obj: Any) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group). Collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

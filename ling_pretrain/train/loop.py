@@ -11,9 +11,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from ling_pretrain.checkpoint.dist import save_checkpoint
-from ling_pretrain.config.validate import validate
 from ling_pretrain.core.io import atomic_write_text
 from ling_pretrain.data.gpt import make_loader
+from ling_pretrain.jobs.validate import validate
 from ling_pretrain.runtime.distributed import (
     destroy_distributed,
     init_distributed,

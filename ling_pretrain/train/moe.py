@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-BIAS_UPDATES = ("megatron", "zero_mean")
+from ling_pretrain.models.checks import BIAS_UPDATES
 
 
 def _routers(model: list) -> list:

@@ -10,11 +10,13 @@ import torch
 import torch.distributed as dist
 
 from ling_pretrain.checkpoint.dist import TrainState, find_latest, load_checkpoint
-from ling_pretrain.config.validate import Layout
+from ling_pretrain.checkpoint.hf.loader import load_hf_into_model
+from ling_pretrain.core.layout import Layout
 from ling_pretrain.data.gpt import build_datasets, data_cache_dir, make_loader, resolve_data
-from ling_pretrain.models.ling.builder import build_model
-from ling_pretrain.models.ling.mcore_config import build_ddp_config
-from ling_pretrain.optim.build import build_optimizer
+from ling_pretrain.models.build import build_model
+from ling_pretrain.models.registry import get_family
+from ling_pretrain.optim.mcore import build_optimizer, build_scheduler
+from ling_pretrain.train.ddp import wrap_ddp
 from ling_pretrain.train.moe import make_finalize_model_grads
 
 logger = logging.getLogger(__name__)
@@ -37,45 +39,6 @@ class TrainParts:
     """Per-step statistics filled during the step (expert load)."""
 
 
-def wrap_ddp(cfg: Any, chunks: list) -> list:
-    """Wrap model chunks in megatron's DistributedDataParallel."""
-    from megatron.core.distributed import DistributedDataParallel
-
-    ddp_config = build_ddp_config(cfg)
-    return [
-        DistributedDataParallel(
-            config=chunk.config,
-            ddp_config=ddp_config,
-            module=chunk,
-            disable_bucketing=i > 0,
-        )
-        for i, chunk in enumerate(chunks)
-    ]
-
-
-def build_scheduler(cfg: Any, optimizer: Any):
-    """megatron's OptimizerParamScheduler, counted in optimizer steps."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    o = cfg.optimizer
-    decay = o.lr_decay_steps or cfg.trainer.max_steps
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.lr_warmup_steps,
-        lr_decay_steps=max(decay, o.lr_warmup_steps + 1),
-        lr_decay_style=o.lr_decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=max(decay, 1),
-        wd_incr_style="constant",
-        wsd_decay_steps=max(decay // 10, 1) if o.lr_decay_style == "WSD" else None,
-        lr_wsd_decay_style="cosine" if o.lr_decay_style == "WSD" else None,
-    )
-
-
 def _restore(cfg: Any, model: list, optimizer: Any, scheduler: Any, save_dir: str) -> TrainState:
     """Resume (everything) or initialise (weights only), as the checkpoint config says."""
     ck = cfg.checkpoint
@@ -95,10 +58,8 @@ def _restore(cfg: Any, model: list, optimizer: Any, scheduler: Any, save_dir: st
         # The optimizer's fp32 master weights were copied before the load; refresh them.
         optimizer.reload_model_params()
     elif ck.init_from_hf:
-        from ling_pretrain.checkpoint.hf import load_hf_into_model
-
         logger.info("initialising weights from HF %s (fresh optimizer, step 0)", ck.init_from_hf)
-        load_hf_into_model(ck.init_from_hf, model, cfg)
+        load_hf_into_model(ck.init_from_hf, model, cfg, get_family(cfg.model).hf)
         optimizer.reload_model_params()
     return TrainState()
 

@@ -84,13 +84,14 @@ def run_convert(args: list[str], nproc: int = 1, check: bool = True, timeout: in
 @pytest.fixture(scope="session")
 def hf_tiny(tmp_path_factory) -> Path:
     """An fp32 HF checkpoint of ling_tiny (MTP included) with random weights and bias."""
-    from ling_pretrain.checkpoint.hf import export_hf
-    from ling_pretrain.models.ling.builder import build_model
+    from ling_pretrain.checkpoint.hf.exporter import export_hf
+    from ling_pretrain.models.build import build_model
+    from ling_pretrain.models.registry import get_family
 
     out = tmp_path_factory.mktemp("hf") / "tiny_fp32"
     with world_of_one():
         cfg = tiny_cfg("fp32")
         chunks = build_model(cfg)
         randomize(chunks)
-        export_hf(chunks, cfg, out, dtype="fp32")
+        export_hf(chunks, cfg, get_family(cfg.model).hf, out, dtype="fp32")
     return out

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ling_pretrain.checkpoint import hf
+from ling_pretrain.checkpoint.hf import exporter, naming, rules
 from ling_pretrain.config import compose
-from ling_pretrain.config.validate import ConfigError
+from ling_pretrain.core.errors import ConfigError
+from ling_pretrain.models.registry import get_family
+
+LING = get_family("ling").hf
 
 PRESETS = ["ling_tiny", "ling_mini", "ling_flash", "ling_1t"]
 
@@ -15,57 +18,57 @@ PRESETS = ["ling_tiny", "ling_mini", "ling_flash", "ling_1t"]
 @pytest.mark.parametrize("preset", PRESETS)
 def test_config_json_round_trip(preset):
     m = compose([f"+model={preset}"]).model
-    config = hf.hf_config_from_model(m)
+    config = LING.config_json(m)
     assert config["model_type"] == "bailing_moe_v2"
     assert config["architectures"] == ["BailingMoeV2ForCausalLM"]
-    back = hf.model_overrides_from_hf(config)
+    back = LING.model_fields(config)
     for field, value in back.items():
         assert getattr(m, field) == pytest.approx(value), field
-    hf.check_hf_config(config, m)
+    LING.check_config(config, m)
 
 
 def test_ling_mini_config_values():
-    config = hf.hf_config_from_model(compose(["+model=ling_mini"]).model)
+    config = LING.config_json(compose(["+model=ling_mini"]).model)
     assert config["eos_token_id"] == config["pad_token_id"] == 156892
     assert config["num_shared_experts"] == 1 and config["moe_intermediate_size"] == 512
     assert config["partial_rotary_factor"] == 0.5 and config["rotary_dim"] == 64
     assert config["num_nextn_predict_layers"] == 1 and config["tie_word_embeddings"] is False
-    tiny = hf.hf_config_from_model(compose(["+model=ling_tiny"]).model)
+    tiny = LING.config_json(compose(["+model=ling_tiny"]).model)
     assert tiny["eos_token_id"] == 0  # the built-in tokenizer's <|endoftext|>
 
 
 def test_both_rotary_spellings():
-    base = hf.hf_config_from_model(compose(["+model=ling_1t"]).model)
+    base = LING.config_json(compose(["+model=ling_1t"]).model)
     base.pop("rotary_dim")
     factor = dict(base, partial_rotary_factor=0.5)
     dim = {k: v for k, v in base.items() if k != "partial_rotary_factor"} | {"rotary_dim": 64}
-    assert hf.model_overrides_from_hf(factor)["rotary_percent"] == 0.5
-    assert hf.model_overrides_from_hf(dim)["rotary_percent"] == 0.5
+    assert LING.model_fields(factor)["rotary_percent"] == 0.5
+    assert LING.model_fields(dim)["rotary_percent"] == 0.5
     quarter = dict(dim, rotary_dim=32)
-    assert hf.model_overrides_from_hf(quarter)["rotary_percent"] == 0.25
+    assert LING.model_fields(quarter)["rotary_percent"] == 0.25
     m = compose(["+model=ling_1t"]).model
-    hf.check_hf_config(dim, m)
+    LING.check_config(dim, m)
     with pytest.raises(
         ConfigError, match=r"rotary_dim=32 \(of head_dim=128\).*model.rotary_percent=0.25"
     ):
-        hf.check_hf_config(quarter, m)
+        LING.check_config(quarter, m)
 
 
 def test_shared_expert_and_mtp_derivation():
-    config = hf.hf_config_from_model(compose(["+model=ling_mini"]).model)
+    config = LING.config_json(compose(["+model=ling_mini"]).model)
     config.update(num_shared_experts=2)
     config.pop("num_nextn_predict_layers")
-    out = hf.model_overrides_from_hf(config)
+    out = LING.model_fields(config)
     assert out["moe_shared_expert_intermediate_size"] == 1024
     assert out["mtp_num_layers"] == 0
 
 
 def test_mismatch_names_every_field_and_fix():
     m = compose(["+model=ling_mini"]).model
-    config = hf.hf_config_from_model(m)
+    config = LING.config_json(m)
     config.update(num_experts=128, rope_theta=10000.0)
     with pytest.raises(ConfigError) as err:
-        hf.check_hf_config(config, m)
+        LING.check_config(config, m)
     text = str(err.value)
     assert "2 problem(s)" in text
     assert "num_experts=128 but model.num_moe_experts=256" in text
@@ -74,12 +77,12 @@ def test_mismatch_names_every_field_and_fix():
 
 
 def test_unsupported_features_refused():
-    config = hf.hf_config_from_model(compose(["+model=ling_mini"]).model)
+    config = LING.config_json(compose(["+model=ling_mini"]).model)
     for key, value in [("tie_word_embeddings", True), ("use_qkv_bias", True)]:
         with pytest.raises(ConfigError, match=key):
-            hf.model_overrides_from_hf(dict(config, **{key: value}))
+            LING.model_fields(dict(config, **{key: value}))
     with pytest.raises(ConfigError, match="rope_scaling"):
-        hf.model_overrides_from_hf(dict(config, rope_scaling={"type": "yarn", "factor": 4.0}))
+        LING.model_fields(dict(config, rope_scaling={"type": "yarn", "factor": 4.0}))
 
 
 def test_qkv_permutation_is_megatrons_group_interleave():
@@ -90,23 +93,23 @@ def test_qkv_permutation_is_megatrons_group_interleave():
     w = torch.stack([torch.full((d, hidden), float(i)) for i in range(len(labels))]).reshape(
         -1, hidden
     )
-    out = hf.qkv_hf_to_mcore(w, heads, groups, d)
+    out = rules.qkv_hf_to_mcore(w, heads, groups, d)
     order = [labels[int(out[r * d, 0])] for r in range(out.shape[0] // d)]
     assert order == [("q", 0), ("q", 1), ("k", 0), ("v", 0), ("q", 2), ("q", 3), ("k", 1), ("v", 1)]
-    assert torch.equal(hf.qkv_mcore_to_hf(out, heads, groups, d), w)
+    assert torch.equal(rules.qkv_mcore_to_hf(out, heads, groups, d), w)
 
 
 def test_glu_unshard_deinterleaves_tp_shards():
     gate, up = torch.arange(8.0).reshape(4, 2), 100 + torch.arange(8.0).reshape(4, 2)
     shards = [torch.cat([gate[:2], up[:2]]), torch.cat([gate[2:], up[2:]])]  # TP2 [gate; up]
-    rule = hf.Rule("x", ("g", "u"), hf.GLU)
-    out = hf.unshard_to_hf(rule, shards, ("g", "u"), {})
+    rule = rules.Rule("x", ("g", "u"), rules.GLU)
+    out = exporter.unshard_to_hf(rule, shards, ("g", "u"), {})
     assert torch.equal(out["g"], gate) and torch.equal(out["u"], up)
 
 
 def test_expected_keys_cover_dense_moe_and_mtp():
     m = compose(["+model=ling_tiny"]).model
-    keys = set(hf.expected_hf_keys(m))
+    keys = set(LING.expected_keys(m))
     assert "model.layers.0.mlp.gate_proj.weight" in keys  # dense first layer
     assert "model.layers.0.mlp.gate.weight" not in keys
     assert "model.layers.3.mlp.experts.7.down_proj.weight" in keys
@@ -158,11 +161,11 @@ def test_layout_free_names_including_transformer_engine_spellings():
         ),
     }
     for local, (canonical, keys) in cases.items():
-        assert hf.canonical_name(local, chunk, ep_rank=1) == canonical
-        assert hf.map_canonical(canonical, num_layers=4).hf_keys == keys
+        assert naming.canonical_name(local, chunk, ep_rank=1) == canonical
+        assert LING.map_canonical(canonical, NS(num_layers=4)).hf_keys == keys
     assert (
-        hf.canonical_name("decoder.layers.0.self_attention.linear_qkv._extra_state", chunk, 1)
+        naming.canonical_name("decoder.layers.0.self_attention.linear_qkv._extra_state", chunk, 1)
         is None
     )
     with pytest.raises(KeyError):
-        hf.map_canonical("decoder.layers.0.mlp.unknown.weight", 4)
+        LING.map_canonical("decoder.layers.0.mlp.unknown.weight", NS(num_layers=4))

@@ -13,11 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ling_pretrain.checkpoint import hf
+from ling_pretrain.checkpoint.hf.adapter import read_hf_config
+from ling_pretrain.checkpoint.hf.exporter import export_hf
+from ling_pretrain.checkpoint.hf.loader import load_hf_into_model
 from ling_pretrain.config import compose
-from ling_pretrain.config.validate import ConfigError
+from ling_pretrain.core.errors import ConfigError
+from ling_pretrain.models.registry import get_family
 from tests.conftest import TINY, read_metrics, run_pretrain
 from tests.convert.conftest import TINY_MODEL, randomize, read_all, run_convert, world_of_one
+
+LING = get_family("ling").hf
 
 SEED = 1234
 
@@ -25,19 +30,19 @@ SEED = 1234
 @pytest.fixture(scope="module")
 def hf_no_mtp(tmp_path_factory) -> Path:
     """fp32 HF checkpoint of ling_tiny without MTP, random weights and expert bias."""
-    from ling_pretrain.models.ling.builder import build_model
+    from ling_pretrain.models.build import build_model
 
     out = tmp_path_factory.mktemp("hf") / "tiny_no_mtp"
     with world_of_one():
         cfg = compose([*TINY_MODEL, "model.mtp_num_layers=0"])
         chunks = build_model(cfg)
         randomize(chunks, 7)
-        hf.export_hf(chunks, cfg, out, dtype="fp32")
+        export_hf(chunks, cfg, LING, out, dtype="fp32")
     return out
 
 
 def _fresh(cfg) -> list:
-    from ling_pretrain.models.ling.builder import build_model
+    from ling_pretrain.models.build import build_model
     from ling_pretrain.runtime.distributed import seed_everything
 
     seed_everything(SEED)
@@ -47,21 +52,21 @@ def _fresh(cfg) -> list:
 def test_missing_mtp_refused_naming_the_option(hf_no_mtp):
     cfg = compose(TINY_MODEL)
     assert cfg.model.mtp_num_layers == 1 and not cfg.checkpoint.hf_init_missing_mtp
-    config = hf.read_hf_config(hf_no_mtp)
+    config = read_hf_config(hf_no_mtp)
     assert config["num_nextn_predict_layers"] == 0
     with pytest.raises(ConfigError) as info:
-        hf.check_hf_config(config, cfg.model)
+        LING.check_config(config, cfg.model)
     message = str(info.value)
     assert "num_nextn_predict_layers=0" in message and "model.mtp_num_layers=1" in message
     assert "checkpoint.hf_init_missing_mtp=true" in message and "--init-missing-mtp" in message
-    hf.check_hf_config(config, cfg.model, init_missing_mtp=True)
-    problems = hf.hf_dir_problems(hf_no_mtp, cfg.model)
+    LING.check_config(config, cfg.model, init_missing_mtp=True)
+    problems = LING.dir_problems(hf_no_mtp, cfg.model)
     assert len(problems) == 1 and "hf_init_missing_mtp" in problems[0]
-    assert hf.hf_dir_problems(hf_no_mtp, cfg.model, init_missing_mtp=True) == []
+    assert LING.dir_problems(hf_no_mtp, cfg.model, init_missing_mtp=True) == []
     # The option is about a checkpoint *without* MTP: other mismatches stay refused.
     two = compose([*TINY_MODEL, "model.hidden_size=256"])
     with pytest.raises(ConfigError, match="hidden_size=128 but model.hidden_size=256"):
-        hf.check_hf_config(config, two.model, init_missing_mtp=True)
+        LING.check_config(config, two.model, init_missing_mtp=True)
 
 
 def test_load_keeps_fresh_mtp_and_every_other_tensor(hf_no_mtp):
@@ -69,10 +74,10 @@ def test_load_keeps_fresh_mtp_and_every_other_tensor(hf_no_mtp):
     cfg = compose([*TINY_MODEL, "checkpoint.hf_init_missing_mtp=true"])
     with world_of_one():
         with pytest.raises(ConfigError, match="hf_init_missing_mtp"):
-            hf.load_hf_into_model(hf_no_mtp, _fresh(cfg), cfg, init_missing_mtp=False)
+            load_hf_into_model(hf_no_mtp, _fresh(cfg), cfg, LING, init_missing_mtp=False)
         loaded, fresh = _fresh(cfg), _fresh(cfg)
         before = {k: v.clone() for k, v in loaded[0].state_dict().items() if v is not None}
-        hf.load_hf_into_model(hf_no_mtp, loaded, cfg)
+        load_hf_into_model(hf_no_mtp, loaded, cfg, LING)
         after, init = loaded[0].state_dict(), fresh[0].state_dict()
         names = [k for k in after if after[k] is not None and not k.endswith("_extra_state")]
         mtp = [k for k in names if k.startswith("mtp.")]
@@ -84,7 +89,7 @@ def test_load_keeps_fresh_mtp_and_every_other_tensor(hf_no_mtp):
         assert after["mtp.layers.0.eh_proj.weight"].std() > 0
 
         # Every other tensor equals the model the checkpoint was exported from.
-        from ling_pretrain.models.ling.builder import build_model
+        from ling_pretrain.models.build import build_model
 
         no_mtp = compose([*TINY_MODEL, "model.mtp_num_layers=0"])
         original = build_model(no_mtp)
@@ -96,7 +101,7 @@ def test_load_keeps_fresh_mtp_and_every_other_tensor(hf_no_mtp):
         assert not bad, bad[:5]
         # ... and loading really changed them (the model was built with other values).
         assert sum(not torch.equal(after[k], before[k]) for k in others) >= 80
-        assert set(source) == set(hf.expected_hf_keys(no_mtp.model))
+        assert set(source) == set(LING.expected_keys(no_mtp.model))
 
 
 def test_training_starts_from_hf_without_mtp(hf_no_mtp, tmp_path):

@@ -12,8 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ling_pretrain.checkpoint import hf
+from ling_pretrain.checkpoint.hf.adapter import INDEX_FILE
+from ling_pretrain.checkpoint.hf.exporter import export_hf
+from ling_pretrain.checkpoint.hf.loader import load_hf_into_model
+from ling_pretrain.models.registry import get_family
 from tests.convert.conftest import assert_same_tensors, randomize, read_all, tiny_cfg, world_of_one
+
+LING = get_family("ling").hf
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +28,7 @@ def world():
 
 
 def _build(params_dtype: str, seed: int):
-    from ling_pretrain.models.ling.builder import build_model
+    from ling_pretrain.models.build import build_model
 
     cfg = tiny_cfg(params_dtype)
     chunks = build_model(cfg)
@@ -37,14 +42,14 @@ def test_round_trip_bit_exact(world, hf_tiny, tmp_path, params_dtype):
     export = "fp32" if params_dtype == "fp32" else "bf16"
     if params_dtype == "bf16":  # a bf16 HF checkpoint (expert bias stays fp32)
         cfg, chunks = _build("fp32", 1)
-        hf.load_hf_into_model(hf_tiny, chunks, cfg)
-        hf.export_hf(chunks, cfg, tmp_path / "start", dtype="bf16")
+        load_hf_into_model(hf_tiny, chunks, cfg, LING)
+        export_hf(chunks, cfg, LING, tmp_path / "start", dtype="bf16")
         start = tmp_path / "start"
     else:
         start = hf_tiny
     cfg, chunks = _build(params_dtype, 2)
-    hf.load_hf_into_model(start, chunks, cfg)
-    hf.export_hf(chunks, cfg, tmp_path / "back", dtype=export)
+    load_hf_into_model(start, chunks, cfg, LING)
+    export_hf(chunks, cfg, LING, tmp_path / "back", dtype=export)
     before, after = read_all(start), read_all(tmp_path / "back")
     assert_same_tensors(before, after)
 
@@ -65,14 +70,14 @@ def test_round_trip_bit_exact(world, hf_tiny, tmp_path, params_dtype):
 
 def test_loaded_parameters_equal_the_source_model(world, hf_tiny):
     """The loader fills every parameter (not only the ones the exporter reads back)."""
-    from ling_pretrain.models.ling.builder import build_model
+    from ling_pretrain.models.build import build_model
 
     cfg = tiny_cfg("fp32")
     original = build_model(cfg)
     randomize(original)  # the values hf_tiny was exported from
     loaded = build_model(cfg)
     randomize(loaded, 5)
-    hf.load_hf_into_model(hf_tiny, loaded, cfg)
+    load_hf_into_model(hf_tiny, loaded, cfg, LING)
     a, b = original[0].state_dict(), loaded[0].state_dict()
     names = [k for k in a if a[k] is not None and not k.endswith("_extra_state")]
     assert len(names) == 119
@@ -87,7 +92,7 @@ def _rewrite(src, dst, drop=(), add=None):
     tensors.update(add or {})
     for f in dst.glob("*.safetensors"):
         f.unlink()
-    (dst / hf.INDEX_FILE).unlink()
+    (dst / INDEX_FILE).unlink()
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -95,11 +100,11 @@ def test_missing_and_unexpected_keys_named(world, hf_tiny, tmp_path):
     cfg, chunks = _build("fp32", 3)
     _rewrite(hf_tiny, tmp_path / "missing", drop=["model.layers.4.mlp.gate.expert_bias"])
     with pytest.raises(KeyError, match=r"missing \['model.layers.4.mlp.gate.expert_bias'\]"):
-        hf.load_hf_into_model(tmp_path / "missing", chunks, cfg)
+        load_hf_into_model(tmp_path / "missing", chunks, cfg, LING)
     extra = {"model.layers.9.mlp.gate.weight": torch.zeros(8, 128)}
     _rewrite(hf_tiny, tmp_path / "extra", add=extra)
     with pytest.raises(KeyError, match=r"unexpected \['model.layers.9.mlp.gate.weight'\]"):
-        hf.load_hf_into_model(tmp_path / "extra", chunks, cfg)
+        load_hf_into_model(tmp_path / "extra", chunks, cfg, LING)
 
 
 def test_wrong_shape_named(world, hf_tiny, tmp_path):
@@ -107,7 +112,7 @@ def test_wrong_shape_named(world, hf_tiny, tmp_path):
     key = "model.layers.2.mlp.experts.5.up_proj.weight"
     _rewrite(hf_tiny, tmp_path / "shape", drop=[key], add={key: torch.zeros(32, 128)})
     with pytest.raises(ValueError, match=r"experts.local_experts.5.linear_fc1.weight: HF"):
-        hf.load_hf_into_model(tmp_path / "shape", chunks, cfg)
+        load_hf_into_model(tmp_path / "shape", chunks, cfg, LING)
 
 
 FP8_HIGH_PRECISION = ("norm.weight", "layernorm.weight", "mlp.gate.weight", "expert_bias")
@@ -117,14 +122,14 @@ def test_fp8_export(world, hf_tiny, tmp_path):
     from ling_pretrain.fp8.quantize import dequantize_blockwise, quantization_error_bound
 
     cfg, chunks = _build("fp32", 4)
-    hf.load_hf_into_model(hf_tiny, chunks, cfg)
+    load_hf_into_model(hf_tiny, chunks, cfg, LING)
     fc1 = chunks[0].decoder.layers[0].mlp.linear_fc1.weight  # [gate 256; up 256] x 128
     with torch.no_grad():
         fc1[:128] = 0.0  # one 128x128 block of gate_proj all zeros
         fc1[128:256] *= 3e4  # one block of large values (still inside fp32 range)
     reference = read_all(hf_tiny)
     reference["model.layers.0.mlp.gate_proj.weight"] = fc1[:256].detach().clone()
-    hf.export_hf(chunks, cfg, tmp_path / "fp8", dtype="fp8")
+    export_hf(chunks, cfg, LING, tmp_path / "fp8", dtype="fp8")
     out = read_all(tmp_path / "fp8")
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())
     assert config["quantization_config"] == {
@@ -180,13 +185,13 @@ def test_shards_index_and_template(world, hf_tiny, tmp_path):
     (template / "pytorch_model.bin").write_text("not copied")
 
     cfg, chunks = _build("fp32", 6)
-    hf.load_hf_into_model(hf_tiny, chunks, cfg)
+    load_hf_into_model(hf_tiny, chunks, cfg, LING)
     out = tmp_path / "sharded"
-    hf.export_hf(chunks, cfg, out, dtype="fp32", template_dir=template, max_shard_bytes=1 << 20)
+    export_hf(chunks, cfg, LING, out, dtype="fp32", template_dir=template, max_shard_bytes=1 << 20)
     files = sorted(p.name for p in out.glob("*.safetensors"))
     n = len(files)
     assert n > 5 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    index = json.loads((out / hf.INDEX_FILE).read_text())
+    index = json.loads((out / INDEX_FILE).read_text())
     assert set(index["weight_map"].values()) == set(files)
     sizes = sum(t.numel() * t.element_size() for t in read_all(out).values())
     assert index["metadata"]["total_size"] == sizes
@@ -204,12 +209,12 @@ def test_fp8_checkpoint_loads_as_its_dequantised_values(world, hf_tiny, tmp_path
     from ling_pretrain.fp8.quantize import dequantize_blockwise
 
     cfg, chunks = _build("fp32", 6)
-    hf.load_hf_into_model(hf_tiny, chunks, cfg)
-    hf.export_hf(chunks, cfg, tmp_path / "fp8", dtype="fp8")
+    load_hf_into_model(hf_tiny, chunks, cfg, LING)
+    export_hf(chunks, cfg, LING, tmp_path / "fp8", dtype="fp8")
     stored = read_all(tmp_path / "fp8")
     cfg, loaded = _build("fp32", 7)
-    hf.load_hf_into_model(tmp_path / "fp8", loaded, cfg)
-    hf.export_hf(loaded, cfg, tmp_path / "back", dtype="fp32")
+    load_hf_into_model(tmp_path / "fp8", loaded, cfg, LING)
+    export_hf(loaded, cfg, LING, tmp_path / "back", dtype="fp32")
     back = read_all(tmp_path / "back")
 
     assert set(back) == {k for k in stored if not k.endswith("_scale_inv")}
@@ -233,4 +238,4 @@ def test_unsupported_quantization_config_is_refused(world, hf_tiny, tmp_path):
     (tmp_path / "int4" / "config.json").write_text(json.dumps(config))
     cfg, chunks = _build("fp32", 8)
     with pytest.raises(ValueError, match="awq.*not a blockwise E4M3 FP8 checkpoint"):
-        hf.load_hf_into_model(tmp_path / "int4", chunks, cfg)
+        load_hf_into_model(tmp_path / "int4", chunks, cfg, LING)

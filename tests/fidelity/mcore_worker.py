@@ -28,11 +28,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ling_pretrain.config import compose
-from ling_pretrain.config.validate import validate
-from ling_pretrain.models.ling.builder import build_model
+from ling_pretrain.jobs.validate import validate
+from ling_pretrain.models.build import build_model
 from ling_pretrain.runtime.distributed import init_distributed, world_size_from_env
+from ling_pretrain.train.ddp import wrap_ddp
 from ling_pretrain.train.moe import make_finalize_model_grads
-from ling_pretrain.train.setup import wrap_ddp
 from ling_pretrain.train.step import forward_step, weighted_microbatches
 
 MICRO_BATCHES = 2

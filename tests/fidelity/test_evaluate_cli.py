@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ling_pretrain.config.validate import ConfigError
+from ling_pretrain.core.errors import ConfigError
 from ling_pretrain.eval.evaluate import check_tokens, load_token_file, make_batches
 from tests.conftest import REPO, subprocess_env
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ling_pretrain.config import compose
-from ling_pretrain.config.validate import ConfigError, validate
+from ling_pretrain.core.errors import ConfigError
+from ling_pretrain.jobs.validate import validate
 
 
 def _errors(overrides: list[str], world: int = 1) -> str:

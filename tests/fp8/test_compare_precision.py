@@ -14,11 +14,8 @@ pytestmark = pytest.mark.distributed
 
 
 def test_relative_gap_averages_the_last_steps():
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        from compare_precision import relative_gap
-    finally:
-        sys.path.pop(0)
+    from ling_pretrain.bench.precision import relative_gap
+
     gap = relative_gap([4.0, 3.0, 2.0, 2.0], [4.0, 3.1, 2.2, 2.0], last=2)
     assert gap["baseline_final"] == 2.0 and gap["candidate_final"] == pytest.approx(2.1)
     assert gap["relative_gap"] == pytest.approx(0.05)

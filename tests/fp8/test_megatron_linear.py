@@ -69,7 +69,7 @@ def _fp8_exact(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def _megatron_config(*overrides: str):
-    from ling_pretrain.models.ling.mcore_config import build_transformer_config
+    from ling_pretrain.models.mcore import build_transformer_config
 
     return build_transformer_config(compose([*CONFIG, *overrides]))
 
@@ -333,7 +333,7 @@ def test_model_emulates_exactly_the_fp8_linears(
 ):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from ling_pretrain.models.ling.builder import build_model
+    from ling_pretrain.models.build import build_model
 
     cfg = compose(
         [*CONFIG, "trainer.params_dtype=fp32", "fp8.recipe=blockwise", "fp8.emulate=true"]
@@ -382,7 +382,7 @@ def test_spec_conversion_copies_shared_specs_and_passes_the_recipe(world_of_one)
 
     from ling_pretrain.fp8.emulation import TensorwiseEmulation
     from ling_pretrain.fp8.megatron_linear import emulated_fp8_layer_specs
-    from ling_pretrain.models.ling.builder import build_layer_specs
+    from ling_pretrain.models.build import build_layer_specs
 
     fp8 = compose(
         [
@@ -419,7 +419,7 @@ def test_spec_conversion_copies_shared_specs_and_passes_the_recipe(world_of_one)
 
 def test_spec_conversion_refuses_non_local_linears(world_of_one):
     from ling_pretrain.fp8.megatron_linear import emulated_fp8_layer_specs
-    from ling_pretrain.models.ling.builder import build_layer_specs
+    from ling_pretrain.models.build import build_layer_specs
 
     class TELayerNormColumnParallelLinear(torch.nn.Module):
         pass

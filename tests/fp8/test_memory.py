@@ -14,7 +14,7 @@ import time
 import pytest
 
 from ling_pretrain.config import compose
-from ling_pretrain.fp8.memory import fp8_feature_ladder, memory_breakdown
+from ling_pretrain.memory.breakdown import fp8_feature_ladder, memory_breakdown
 from ling_pretrain.models.ling.params import count_parameters
 from tests.conftest import REPO, subprocess_env
 

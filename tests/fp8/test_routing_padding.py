@@ -54,7 +54,7 @@ def _assert_unchanged(plain: dict, padded: dict) -> None:
 
 def _moe_layer(*overrides: str):
     """The first MoE layer (decoder layer 1) of a freshly built ling_tiny."""
-    from ling_pretrain.models.ling.builder import build_model
+    from ling_pretrain.models.build import build_model
 
     (model,) = build_model(compose([*CONFIG, *overrides]))
     layer = model.decoder.layers[1].mlp

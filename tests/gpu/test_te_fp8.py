@@ -99,7 +99,7 @@ def world_of_one() -> Iterator[None]:
 
 
 def _build(*overrides: str):
-    from ling_pretrain.models.ling.builder import build_model
+    from ling_pretrain.models.build import build_model
 
     (model,) = build_model(compose([*CONFIG, *overrides]))
     return model.cuda()

@@ -147,7 +147,7 @@ def test_loads_plain_adamw_state_and_plain_adamw_loads_it():
 
 
 def test_memory_model_uses_this_optimizers_layout():
-    from ling_pretrain.fp8 import memory
+    from ling_pretrain.memory import breakdown as memory
     from ling_pretrain.optim.quant import BLOCK
 
     assert memory.BNB_BLOCK == BLOCK and memory.BNB_MIN_8BIT_SIZE == MIN_8BIT_NUMEL

@@ -8,7 +8,9 @@ from omegaconf import OmegaConf
 
 from ling_pretrain.config import CONF_DIR, compose
 from ling_pretrain.config.schema import GROUPS
-from ling_pretrain.config.validate import GIB, ConfigError, Hardware, validate
+from ling_pretrain.core.errors import ConfigError
+from ling_pretrain.jobs.validate import Hardware, validate
+from ling_pretrain.memory.breakdown import GIB
 from ling_pretrain.models.ling.params import count_parameters
 
 H100 = Hardware("cuda", 80 * GIB, has_transformer_engine=True, compute_capability=(9, 0))

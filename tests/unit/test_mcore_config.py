@@ -6,12 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from ling_pretrain.config import compose
-from ling_pretrain.models.ling.mcore_config import (
-    build_ddp_config,
-    build_optimizer_config,
-    build_transformer_config,
-    transformer_config_kwargs,
-)
+from ling_pretrain.models.mcore import build_transformer_config, transformer_config_kwargs
+from ling_pretrain.optim.mcore import build_optimizer_config
+from ling_pretrain.train.ddp import build_ddp_config
 
 OVERRIDES = [
     "+model=ling_tiny",
@@ -39,6 +36,7 @@ MODEL_RENAMES = {
     "rotary_percent": None,
     "rotary_base": None,
     "name": None,
+    "family": None,  # chooses the code that builds the model
     "moe_router_bias_update": None,  # applied around finalize_model_grads (train/moe.py)
 }
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ling_pretrain.config import compose
-from ling_pretrain.models.ling.norm import RMSNorm
+from ling_pretrain.models.norm import RMSNorm
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def build():
 
     cfg = compose(["+model=ling_tiny", "data=mock", "trainer.params_dtype=bf16"])
     init_distributed(cfg)
-    from ling_pretrain.models.ling.builder import build_model
+    from ling_pretrain.models.build import build_model
 
     yield lambda c=cfg: build_model(c)
     destroy_distributed()

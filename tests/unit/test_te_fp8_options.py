@@ -13,8 +13,9 @@ import logging
 import pytest
 
 from ling_pretrain.config import compose
-from ling_pretrain.config.validate import GIB, ConfigError, Hardware, validate
-from ling_pretrain.fp8.memory import memory_breakdown
+from ling_pretrain.core.errors import ConfigError
+from ling_pretrain.jobs.validate import Hardware, validate
+from ling_pretrain.memory.breakdown import GIB, memory_breakdown
 
 
 def _h100(te_version: str | None = "2.20.2") -> Hardware:
@@ -72,7 +73,7 @@ def test_emulation_is_not_bound_by_te_limits():
 
 def test_tensorwise_routing_padding_warns_on_te(caplog):
     padded = "fp8.moe_router_padding_for_quantization=true"
-    with caplog.at_level(logging.WARNING, logger="ling_pretrain.config.validate"):
+    with caplog.at_level(logging.WARNING, logger="ling_pretrain.fp8.checks"):
         validate(_tiny("fp8=tensorwise", padded), 1, _h100())
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1
@@ -80,7 +81,7 @@ def test_tensorwise_routing_padding_warns_on_te(caplog):
     assert "fp8.moe_router_padding_for_quantization=false" in warned[0]
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ling_pretrain.config.validate"):
+    with caplog.at_level(logging.WARNING, logger="ling_pretrain.fp8.checks"):
         validate(_tiny("fp8=tensorwise"), 1, _h100())
         validate(_tiny("fp8=blockwise", padded), 1, _h100())
         validate(_tiny("fp8=blockwise_fp8_params"), 1, _h100())

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ling_pretrain.config import compose
-from ling_pretrain.config.validate import GIB, ConfigError, Hardware, estimate_state_bytes, validate
+from ling_pretrain.core.errors import ConfigError
+from ling_pretrain.jobs.validate import Hardware, validate
+from ling_pretrain.memory.breakdown import GIB, memory_breakdown
 
 CPU = Hardware("cpu", 24 * GIB, has_transformer_engine=False)
 H100 = Hardware("cuda", 80 * GIB, has_transformer_engine=True, compute_capability=(9, 0))
@@ -100,7 +102,7 @@ def _tiny(*overrides: str):
             1,
             r"fp8.recipe=blockwise needs an NVIDIA GPU with TransformerEngine.*fp8.emulate=true",
         ),
-        (["fp8.recipe=fp4"], 1, r"fp8.recipe='fp4' is not one of bf16, blockwise"),
+        (["fp8.recipe=fp4"], 1, r"fp8.recipe='fp4' is not a recipe; choose one of bf16, blockwise"),
         (["optimizer.min_lr=1.0"], 1, r"min_lr=1.0 exceeds optimizer.lr"),
         (["data.source=indexed"], 1, r"data.source=indexed needs data.prefixes"),
         (
@@ -162,8 +164,9 @@ def test_ling_mini_fits_on_eight_h100_with_ep8_but_not_on_one():
         validate(one, 1, H100)
 
 
-def test_state_estimate_matches_hand_computation():
-    """ling_mini, bf16, EP8 DP8 with the distributed optimizer on 8 ranks."""
+def test_memory_fit_uses_the_memory_model_which_matches_hand_computation():
+    """ling_mini, bf16, EP8 DP8 with the distributed optimizer on 8 ranks: the figure the
+    fit check compares with the device memory."""
     cfg = compose(
         [
             "+model=ling_mini",
@@ -180,7 +183,12 @@ def test_state_estimate_matches_hand_computation():
     dense = c.total_params + c.mtp_params - experts
     # bf16 weight (2) + fp32 grad (4), plus fp32 master + 2 moments (12) sharded over DP.
     expected = dense * (6 + 12 / 8) + experts / 8 * (6 + 12 / 1)
-    assert estimate_state_bytes(cfg, 8) == pytest.approx(expected, rel=1e-9)
+    total = memory_breakdown(cfg, 8).total
+    assert total == pytest.approx(expected, rel=1e-6)
+    just_too_small = Hardware("cuda", int(total) - 1, True, (9, 0))
+    with pytest.raises(ConfigError, match=f"needs at least {total / GIB:.1f} GiB per process"):
+        validate(cfg, 8, just_too_small)
+    validate(cfg, 8, Hardware("cuda", int(total) + 1, True, (9, 0)))
 
 
 def test_fp8_emulation_needs_a_recipe_and_sane_bf16_layer_counts():

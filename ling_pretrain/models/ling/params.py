@@ -8,33 +8,9 @@ reported separately because the published totals exclude it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
-
-@dataclass(frozen=True, kw_only=True)
-class ParamCounts:
-    """Parameter counts of one configuration (numbers of scalars, not bytes)."""
-
-    total_params: int
-    """Every parameter of the main model (embedding, decoder, final norm, lm_head); no MTP."""
-    active_params: int
-    """Parameters one token uses in a forward pass: top-k routed experts only."""
-    mtp_params: int
-    """The MTP layers' own parameters (they share the embedding and lm_head)."""
-    mtp_active_params: int
-    """MTP parameters one token uses."""
-    embedding_params: int
-    """Input embedding plus lm_head."""
-    expert_params: int
-    """Routed-expert weights in the main model (the part expert parallelism splits)."""
-    mtp_expert_params: int
-    """Routed-expert weights in the MTP layers."""
-    buffers: int
-    """fp32 expert-bias entries (main model and MTP)."""
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+from ling_pretrain.models.family import ParamCounts
 
 
 def _attention(m: Any) -> int:

@@ -110,8 +110,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ling_pretrain.core.dtypes import PARAMS_DTYPES
-from ling_pretrain.core.layout import Layout, derive_layout
+from ling_pretrain.core.layout import Layout, derive_layout, has_experts
 from ling_pretrain.core.recipes import RECIPES, get_recipe
+from ling_pretrain.models.registry import get_family
 
 __all__ = [
     "CLASSES",
@@ -147,10 +148,10 @@ weights kept in BF16 by ``fp8.first_last_layers_bf16`` or ``fp8.mtp_projections_
 
 BNB_BLOCK = 256
 """Values per fp32 absmax of the 8-bit optimizer states (``ling_pretrain.optim.quant.BLOCK``,
-as in bitsandbytes)."""
+as in bitsandbytes; a test keeps the two equal without this module importing torch)."""
 BNB_MIN_8BIT_SIZE = 4096
 """Tensors with fewer elements keep 32-bit optimizer states
-(``ling_pretrain.optim.MIN_8BIT_NUMEL``, bitsandbytes' ``min_8bit_size``)."""
+(``ling_pretrain.optim.adam8bit.MIN_8BIT_NUMEL``, bitsandbytes' ``min_8bit_size``)."""
 FP8_BLOCK = 128
 """Side of TE's square weight blocks in the blockwise recipe."""
 MX_BLOCK = 32
@@ -319,6 +320,7 @@ def _stage_tensors(cfg: Any, layout: Layout, rank: int) -> list[_Tensor]:
     bf16_end = f.num_layers_at_end_in_bf16 if f.first_last_layers_bf16 else 0
     embedding = _Tensor(_div(m.vocab_size, layout.tp), m.hidden_size)  # vocab-parallel rows
 
+    moe = get_family(m).moe_layer_pattern(m)
     tensors: list[_Tensor] = []
     if first or (last and m.mtp_num_layers):
         tensors.append(embedding)
@@ -326,7 +328,7 @@ def _stage_tensors(cfg: Any, layout: Layout, rank: int) -> list[_Tensor]:
         if (i // per_chunk) % pp != rank:
             continue
         gemm = bf16_start <= i < m.num_layers - bf16_end
-        tensors.extend(_layer(m, layout, dense=i < m.first_k_dense_replace, gemm=gemm))
+        tensors.extend(_layer(m, layout, dense=not moe[i], gemm=gemm))
     if last:
         tensors.append(_Tensor(m.hidden_size, 1))  # final norm
         tensors.append(embedding)  # lm_head: untied, same shape
@@ -334,7 +336,7 @@ def _stage_tensors(cfg: Any, layout: Layout, rank: int) -> list[_Tensor]:
             tensors.append(_Tensor(m.hidden_size, 1, count=2))  # enorm, hnorm
             eh_gemm = not f.mtp_projections_bf16
             tensors.append(_Tensor(_div(m.hidden_size, layout.tp), 2 * m.hidden_size, gemm=eh_gemm))
-            tensors.extend(_layer(m, layout, dense=False, gemm=True))
+            tensors.extend(_layer(m, layout, dense=not moe[-1], gemm=True))
             tensors.append(_Tensor(m.hidden_size, 1))  # MTP final norm
     return tensors
 
@@ -399,7 +401,7 @@ def _check(cfg: Any, world_size: int, settings: MemorySettings) -> None:
             f"world size {world_size} is not a multiple of expert_model_parallel_size x "
             f"expert_tensor_parallel_size x pipeline_model_parallel_size = {ep * etp * pp}"
         )
-    if ep >= 1 and m.num_moe_experts % ep:
+    if ep >= 1 and has_experts(m) and m.num_moe_experts % ep:
         problems.append(
             f"expert_model_parallel_size={ep} does not divide model.num_moe_experts="
             f"{m.num_moe_experts}"
@@ -615,3 +617,35 @@ def fp8_feature_ladder(cfg: Any, world_size: int, recipe: str | None = None) -> 
         ladder.append(LadderStep(label, b, 0 if previous is None else previous - b.total))
         previous = b.total
     return ladder
+
+
+GIB = 1024**3
+
+
+def check_fits(
+    cfg: Any, world_size: int, device: str, memory_bytes: int, errors: list[str]
+) -> None:
+    """Append a problem when the model states of one rank cannot fit in ``memory_bytes``.
+
+    Model states only (activations come on top), so a layout refused here certainly cannot
+    run. Under ``fp8.emulate`` no FP8 weight copies exist, so they are not counted.
+
+    Args:
+        cfg: the composed job config.
+        world_size: training processes.
+        device: ``cuda`` or ``cpu`` (for the message).
+        memory_bytes: what one process may use (one GPU, or its share of host RAM).
+        errors: where the problem goes.
+    """
+    recipe = "bf16" if cfg.fp8.emulate else None
+    need = memory_breakdown(cfg, world_size, recipe=recipe).total
+    if need > memory_bytes:
+        where = "one GPU" if device == "cuda" else "the host RAM share of one process"
+        errors.append(
+            f"model {cfg.model.name} needs at least {need / GIB:.1f} GiB per process for "
+            f"weights, gradients and optimizer states under this layout, but {where} has "
+            f"{memory_bytes / GIB:.1f} GiB. Spread it over more GPUs (raise "
+            "expert_model_parallel_size / pipeline_model_parallel_size / data parallelism "
+            "with the distributed optimizer) or pick a smaller model (+model=ling_tiny on CPU). "
+            "launch/memory.py prints the breakdown; run.check_memory=false skips this check."
+        )
