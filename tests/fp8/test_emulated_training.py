@@ -1,7 +1,7 @@
 """Training through the real entry point with the blockwise FP8 recipe emulated on the CPU.
 
 ``launch/pretrain.py ... fp8=blockwise fp8.emulate=true`` must train (the loss falls over
-three updates, as in tests/distributed/test_layouts.py) on one process and on two (data
+three updates, as in tests/train/test_layouts.py) on one process and on two (data
 parallel), and emulation must really be on: the first-step loss differs from the same
 run with ``fp8=bf16``. Runs of one configuration are deterministic and parallel layouts
 agree with one process to 1e-5 without FP8, so a difference above 5e-5 can only come

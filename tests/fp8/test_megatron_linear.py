@@ -462,7 +462,7 @@ def test_tp2_sp_first_step_loss_matches_one_process(tmp_path, seed_checkpoint):
     subnormal range of one of the two tilings, i.e. below about 2^-15 of its tile's
     amax, and then moves by at most half a subnormal step: far below the fp32 rounding of
     the loss. So the first-step loss agrees to the 1e-5 the unquantised layouts meet
-    (tests/distributed/test_layouts.py; measured here: ~2e-7), while emulation moves the
+    (tests/train/test_layouts.py; measured here: ~2e-7), while emulation moves the
     loss by ~3e-4 (asserted, so a side that silently ran unquantised would fail).
     """
     from tests.conftest import TINY, read_metrics, run_pretrain

@@ -22,6 +22,8 @@ import pytest
 
 from tests.conftest import REPO, script_cmd, subprocess_env
 
+pytestmark = pytest.mark.distributed
+
 HERE = Path(__file__).parent
 EVALUATE = REPO / "launch" / "evaluate.py"
 CONVERT = REPO / "launch" / "convert.py"

@@ -1,6 +1,6 @@
 """Runs one check on the real megatron-core model, alone or under torchrun; writes JSON.
 
-    python tests/fidelity/mcore_worker.py {bias,mtp_grad} OUT_DIR [config overrides...]
+    python tests/train/mcore_worker.py {bias,mtp_grad} OUT_DIR [config overrides...]
 
 ``bias``: one global batch through forward/backward with the trainer's gradient
 finalisation, for each expert-bias rule in turn from the same biases; records, per MoE layer,

@@ -19,8 +19,8 @@ from ling_pretrain.checkpoint.hf.loader import load_hf_into_model
 from ling_pretrain.config import compose
 from ling_pretrain.core.errors import ConfigError
 from ling_pretrain.models.registry import get_family
+from tests.checkpoint.conftest import TINY_MODEL, randomize, read_all, run_convert, world_of_one
 from tests.conftest import TINY, read_metrics, run_pretrain
-from tests.convert.conftest import TINY_MODEL, randomize, read_all, run_convert, world_of_one
 
 LING = get_family("ling").hf
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.conftest import read_metrics, run_pretrain
-from tests.unit.test_readme import _readme_commands
+from tests.test_docs import _readme_commands
 
 
 def test_wrong_layout_on_ling_mini_fails_in_seconds_naming_the_fields(tmp_path):

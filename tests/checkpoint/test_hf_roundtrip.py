@@ -16,7 +16,13 @@ from ling_pretrain.checkpoint.hf.adapter import INDEX_FILE
 from ling_pretrain.checkpoint.hf.exporter import export_hf
 from ling_pretrain.checkpoint.hf.loader import load_hf_into_model
 from ling_pretrain.models.registry import get_family
-from tests.convert.conftest import assert_same_tensors, randomize, read_all, tiny_cfg, world_of_one
+from tests.checkpoint.conftest import (
+    assert_same_tensors,
+    randomize,
+    read_all,
+    tiny_cfg,
+    world_of_one,
+)
 
 LING = get_family("ling").hf
 

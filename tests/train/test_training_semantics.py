@@ -13,6 +13,8 @@ import torch
 
 from tests.conftest import REPO, script_cmd, subprocess_env
 
+pytestmark = pytest.mark.distributed
+
 WORKER = Path(__file__).with_name("mcore_worker.py")
 BASE = [
     "+model=ling_tiny",

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.checkpoint.conftest import assert_same_tensors, read_all, run_convert
 from tests.conftest import TINY, read_metrics, run_pretrain
-from tests.convert.conftest import assert_same_tensors, read_all, run_convert
 
 pytestmark = pytest.mark.distributed
 
