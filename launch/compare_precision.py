@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ling_pretrain.bench.precision import compare_precision
+from ling_pretrain.core.errors import ConfigError
 from ling_pretrain.core.recipes import FP8_RECIPE_NAMES
 
 
@@ -35,16 +36,25 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--last", type=int, default=20, help="steps averaged for the final loss")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--params-dtype", default="bf16", choices=["bf16", "fp32"])
-    args = parser.parse_args(argv)
-    summary = compare_precision(
-        recipe=args.recipe,
-        steps=args.steps,
-        out_dir=args.out_dir,
-        nproc=args.nproc,
-        last=args.last,
-        params_dtype=args.params_dtype,
-        overrides=overrides,
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous comparison in --out-dir (only the files it wrote)",
     )
+    args = parser.parse_args(argv)
+    try:
+        summary = compare_precision(
+            recipe=args.recipe,
+            steps=args.steps,
+            out_dir=args.out_dir,
+            nproc=args.nproc,
+            last=args.last,
+            params_dtype=args.params_dtype,
+            overwrite=args.overwrite,
+            overrides=overrides,
+        )
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     print(json.dumps(summary, indent=2))
 
 

@@ -33,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def overwrite(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help=f"replace a previous {what} in --out-dir: only the files it wrote are replaced, "
+            "nothing else in the directory is touched (without it a previous one is refused; "
+            "a directory holding anything else is always refused)",
+        )
+
     def layout(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("parallel layout (run under torchrun with TP x PP x DP processes)")
         g.add_argument("--tp", type=int, default=1, help="tensor parallel size")
@@ -62,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         "model.mtp_num_layers=1): load every other tensor, keep the MTP layer freshly "
         "initialised",
     )
+    overwrite(a, "conversion")
     layout(a)
 
     b = sub.add_parser(
@@ -81,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="dtype the checkpoint was trained in (default: from its config.yaml)",
     )
+    overwrite(b, "export")
     layout(b)
     return parser
 
@@ -100,6 +111,7 @@ def main(argv: list[str]) -> None:
                 layout=layout,
                 dtype=args.dtype,
                 init_missing_mtp=args.init_missing_mtp,
+                overwrite=args.overwrite,
                 overrides=overrides,
             )
         else:
@@ -111,6 +123,7 @@ def main(argv: list[str]) -> None:
                 template_dir=args.template_dir,
                 max_shard_gb=args.max_shard_gb,
                 params_dtype=args.params_dtype,
+                overwrite=args.overwrite,
                 overrides=overrides,
             )
     except (ConfigError, FileNotFoundError) as err:

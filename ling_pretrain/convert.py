@@ -15,16 +15,12 @@ from pathlib import Path
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from ling_pretrain.checkpoint.dist import (
-    LATEST,
-    TrainState,
-    load_checkpoint,
-    save_checkpoint,
-)
-from ling_pretrain.checkpoint.hf.exporter import export_hf
+from ling_pretrain.checkpoint.dist import TrainState, load_checkpoint, save_checkpoint
+from ling_pretrain.checkpoint.hf.exporter import EXPORT_KIND, export_hf
 from ling_pretrain.checkpoint.hf.loader import load_hf_into_model
 from ling_pretrain.core.errors import ConfigError
 from ling_pretrain.core.io import atomic_write_text
+from ling_pretrain.core.outputs import claim_dir, prepare_staging, publish
 from ling_pretrain.jobs.resolve import RUN_CONFIG, resolve_checkpoint
 from ling_pretrain.jobs.validate import validate
 from ling_pretrain.models.build import build_model
@@ -36,6 +32,8 @@ from ling_pretrain.runtime.distributed import (
 )
 
 logger = logging.getLogger(__name__)
+
+MCORE_KIND = "megatron conversion"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +93,7 @@ def hf_to_mcore(
     layout: ConvertLayout = ConvertLayout(),
     dtype: str | None = None,
     init_missing_mtp: bool = False,
+    overwrite: bool = False,
     overrides: Sequence[str] = (),
 ) -> Path:
     """Convert an HF checkpoint into a weights-only megatron checkpoint (collective).
@@ -105,15 +104,10 @@ def hf_to_mcore(
         layout: the layout to build the model at.
         dtype: params dtype of the result; default: config.json's ``dtype``/``torch_dtype``.
         init_missing_mtp: the checkpoint has no MTP layer but the model has; keep it fresh.
+        overwrite: replace a previous conversion in ``out_dir`` (never anything else).
         overrides: Hydra overrides (``+model=<preset>`` checks config.json against it).
     """
-    out = Path(out_dir)
-    latest = out / LATEST
-    if latest.is_file() and latest.read_text().strip() != "iter_0000000":
-        raise ConfigError(
-            f"{out} already holds training checkpoints (latest: {latest.read_text().strip()}); "
-            "write the converted checkpoint to a new directory."
-        )
+    claim = claim_dir(out_dir, MCORE_KIND, overwrite=overwrite)
     base = _base_overrides(layout, init_missing_mtp)
     resolved = resolve_checkpoint(hf_dir, overrides, base, params_dtype=dtype)
     if resolved.kind != "hf":
@@ -124,12 +118,17 @@ def hf_to_mcore(
         _say(f"building {cfg.model.name} ({cfg.trainer.params_dtype}) and loading {hf_dir}")
         chunks = build_model(cfg)
         load_hf_into_model(hf_dir, chunks, cfg, resolved.family.hf)
-        _say(f"saving the megatron checkpoint to {out}")
-        path = save_checkpoint(str(out), TrainState(), chunks, optimizer=None)
+        _say(f"saving the megatron checkpoint to {claim.path}")
         if dist.get_rank() == 0:
-            atomic_write_text(out / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+            prepare_staging(claim)
         dist.barrier()
-        _say(f"done: {path} (weights only; train from it with checkpoint.init_from={out})")
+        saved = save_checkpoint(str(claim.staging), TrainState(), chunks, optimizer=None)
+        if dist.get_rank() == 0:
+            atomic_write_text(claim.staging / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+            publish(claim)
+        dist.barrier()
+        path = claim.path / saved.name
+        _say(f"done: {path} (weights only; train from it with checkpoint.init_from={claim.path})")
         return path
     finally:
         destroy_distributed()
@@ -144,6 +143,7 @@ def mcore_to_hf(
     template_dir: str | None = None,
     max_shard_gb: float = 4.0,
     params_dtype: str | None = None,
+    overwrite: bool = False,
     overrides: Sequence[str] = (),
 ) -> Path:
     """Export a megatron checkpoint as an HF checkpoint of its family (collective).
@@ -156,8 +156,10 @@ def mcore_to_hf(
         template_dir: an HF directory to copy the tokenizer and modeling code from.
         max_shard_gb: safetensors file size.
         params_dtype: the dtype the checkpoint was trained in; default: its config.yaml's.
+        overwrite: replace a previous export in ``out_dir`` (only the files it wrote).
         overrides: Hydra overrides (``+model=<preset>`` when there is no config.yaml).
     """
+    claim_dir(out_dir, EXPORT_KIND, overwrite=overwrite)  # before any work; again on export
     resolved = resolve_checkpoint(
         checkpoint, overrides, _base_overrides(layout), params_dtype=params_dtype
     )
@@ -181,6 +183,7 @@ def mcore_to_hf(
             dtype=dtype,
             template_dir=template_dir,
             max_shard_bytes=int(max_shard_gb * 1024**3),
+            overwrite=overwrite,
         )
         _say(f"done: {out}")
         return out

@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ling_pretrain.core.io import atomic_write_json
+from ling_pretrain.core.outputs import claim_dir, start_in_place
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "launch" / "pretrain.py"
+KIND = "precision comparison"
 
 
 def _can_run_te_fp8() -> bool:
@@ -99,14 +101,20 @@ def compare_precision(
     nproc: int = 1,
     last: int = 20,
     params_dtype: str = "bf16",
+    overwrite: bool = False,
     overrides: Sequence[str] = (),
 ) -> dict:
-    """Run the seed, FP8-off and FP8 runs and write the comparison; returns its summary."""
+    """Run the seed, FP8-off and FP8 runs and write the comparison; returns its summary.
+
+    ``out_dir`` must be new, empty, or a previous comparison (replaced with ``overwrite``;
+    only the files it wrote).
+    """
     overrides = list(overrides)
     if not any(o.startswith(("+model=", "model=")) for o in overrides):
         overrides = ["+model=ling_tiny", *overrides]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim = claim_dir(out_dir, KIND, overwrite=overwrite)
+    names = ["seed", "bf16", recipe, "comparison.json", "comparison.png"]
+    out = start_in_place(claim, names)
     common = [
         *overrides,
         f"trainer.max_steps={steps}",

@@ -40,3 +40,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """:func:`atomic_write_text` of ``obj`` as indented JSON with a trailing newline."""
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def default_file_mode() -> int:
+    """The mode a new file gets from this process's umask (``0o644`` under the usual 022);
+    for files written by libraries that create them ``0o600``."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask

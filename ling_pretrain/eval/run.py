@@ -7,11 +7,15 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from ling_pretrain.checkpoint.dist import load_checkpoint
 from ling_pretrain.checkpoint.hf.loader import load_hf_into_model
 from ling_pretrain.core.errors import ConfigError
 from ling_pretrain.core.io import atomic_write_json
+from ling_pretrain.core.outputs import claim_file
 from ling_pretrain.eval.evaluate import (
     check_tokens,
     evaluate,
@@ -49,6 +53,24 @@ class EvalRequest:
     num_batches: int | None = None
 
 
+def _is_our_json(path: Path) -> bool:
+    """A results file an earlier evaluation wrote."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and {"checkpoint_format", "lm_loss"} <= data.keys()
+
+
+def _is_our_npz(path: Path) -> bool:
+    """A logits file an earlier evaluation wrote."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return "logits" in arrays.files and set(arrays.files) <= {"logits", "mtp_logits"}
+    except (OSError, ValueError):
+        return False
+
+
 def _say(msg: str) -> None:
     if is_rank0():
         print(msg, file=sys.stderr, flush=True)
@@ -75,6 +97,9 @@ def run_evaluation(request: EvalRequest, overrides: Sequence[str] = ()) -> dict:
         raise ConfigError("--batch-size and --num-batches must be >= 1.")
     if (r.tokens is None) == (r.data is None):
         raise ConfigError("give exactly one of --tokens and --data.")
+    claim_file(r.output, "--output", _is_our_json)
+    if r.save_logits:
+        claim_file(r.save_logits, "--save-logits", _is_our_npz)
     resolved = resolve_checkpoint(r.checkpoint, overrides, BASE_OVERRIDES)
     cfg = resolved.cfg
     m, p = cfg.model, cfg.parallel

@@ -61,3 +61,20 @@ def test_compare_precision_writes_curves_plot_and_gap(tmp_path):
     expected = (sum(fp8[-2:]) / 2 - sum(base[-2:]) / 2) / (sum(base[-2:]) / 2)
     assert result["relative_gap"] == pytest.approx(expected)
     assert result["emulated"] is True
+
+
+def test_a_directory_it_did_not_write_is_refused_before_any_run(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "compare_precision.py"), "--out-dir", str(out)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "is not empty and is not a previous precision comparison" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

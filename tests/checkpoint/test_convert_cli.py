@@ -137,3 +137,45 @@ def test_init_from_hf_refused_before_training(hf_tiny, tmp_path):
         tmp_path / "bad2", [*TINY, f"checkpoint.init_from_hf={tmp_path / 'nowhere'}"], check=False
     )
     assert proc.returncode != 0 and "no such directory" in proc.stderr
+
+
+def test_export_never_deletes_what_it_did_not_write(mcore_tp2, tmp_path):
+    """A directory of the user's (a git checkout, notes) is refused as it is; a previous export
+    is replaced only with --overwrite, and then only its own files."""
+    repo = tmp_path / "checkout"
+    (repo / ".git").mkdir(parents=True)
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (repo / "notes.txt").write_text("mine")
+    export = ["mcore-to-hf", "--checkpoint", str(mcore_tp2), "--dtype", "fp32"]
+    proc = run_convert([*export, "--out-dir", str(repo), "--overwrite"], check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "is not empty and is not a previous Hugging Face export" in proc.stderr
+    assert ".git/, notes.txt" in proc.stderr
+    assert sorted(p.name for p in repo.iterdir()) == [".git", "notes.txt"]
+    assert (repo / ".git" / "HEAD").is_file() and (repo / "notes.txt").read_text() == "mine"
+
+    out = tmp_path / "hf"
+    run_convert([*export, "--out-dir", str(out)])
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    assert first and all(p.stat().st_mode & 0o777 == 0o644 for p in out.glob("*.safetensors"))
+    proc = run_convert([*export, "--out-dir", str(out)], check=False)
+    assert proc.returncode != 0 and "Pass --overwrite" in proc.stderr
+    (out / "README.md").write_text("served from here")
+    proc = run_convert([*export, "--out-dir", str(out), "--overwrite"])
+    assert "no template directory" in proc.stderr  # the export has no tokenizer: say so
+    assert (out / "README.md").read_text() == "served from here"
+    assert set(first) == {p.name for p in out.glob("*.safetensors")}
+    assert all(p.stat().st_mtime_ns != first[p.name] for p in out.glob("*.safetensors"))
+    assert not (tmp_path / "hf.partial").exists() and not (tmp_path / "hf.old").exists()
+
+
+def test_hf_to_mcore_refuses_a_directory_it_did_not_write(hf_tiny, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    proc = run_convert(
+        ["hf-to-mcore", "--hf-dir", str(hf_tiny), "--out-dir", str(out)], check=False
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "not a previous megatron conversion" in proc.stderr and "metrics.jsonl" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]

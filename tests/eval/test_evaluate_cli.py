@@ -108,3 +108,18 @@ def test_indexed_data_is_read_as_consecutive_rows(tmp_path):
         load_indexed_tokens(prefix, rows=4, seq_length=10)
     with pytest.raises(ConfigError, match="does not exist"):
         load_indexed_tokens(str(tmp_path / "other"), rows=1, seq_length=4)
+
+
+def test_an_existing_file_it_did_not_write_is_not_overwritten(seed_checkpoint, tmp_path):
+    tokens = tmp_path / "t.npy"
+    np.save(tokens, np.zeros((1, 8), dtype=np.int32))
+    mine = tmp_path / "results.json"
+    mine.write_text('{"my": "numbers"}')
+    args = ["--checkpoint", str(seed_checkpoint), "--tokens", str(tokens), "--output", str(mine)]
+    err = _fails(args)
+    assert "--output" in err and "was not written by this command" in err
+    assert mine.read_text() == '{"my": "numbers"}'
+    logits = tmp_path / "logits.npz"
+    logits.write_text("not an npz of ours")
+    err = _fails([*args[:4], "--output", str(tmp_path / "new.json"), "--save-logits", str(logits)])
+    assert "--save-logits" in err and logits.read_text() == "not an npz of ours"

@@ -37,13 +37,15 @@ from ling_pretrain.checkpoint.hf.rules import (
     Rule,
     qkv_mcore_to_hf,
 )
-from ling_pretrain.core.io import atomic_write_json
+from ling_pretrain.core.io import atomic_write_json, default_file_mode
 from ling_pretrain.core.log import progress_bar
+from ling_pretrain.core.outputs import claim_dir, prepare_staging, publish
 from ling_pretrain.fp8.quantize import quantize_blockwise
 from ling_pretrain.runtime.distributed import all_gather_objects
 
 logger = logging.getLogger(__name__)
 
+EXPORT_KIND = "Hugging Face export"
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}
 """Export dtype -> dtype of the tensors not quantised (FP8 exports keep them bf16)."""
@@ -136,7 +138,7 @@ class _ShardWriter:
             return
         name = f"part-rank{self.rank:05d}-{len(self.files):05d}.safetensors"
         save_file(self.pending, str(self.out / name), metadata={"format": "pt"})
-        logger.info("wrote %s (%d tensors, %.1f MB)", name, len(self.pending), self.size / 1e6)
+        os.chmod(self.out / name, default_file_mode())  # safetensors creates files 0600
         self.files.append(name)
         self.weight_map.update({k: name for k in self.pending})
         self.pending, self.size = {}, 0
@@ -160,6 +162,7 @@ def export_hf(
     dtype: str = "bf16",
     template_dir: str | os.PathLike | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
     """Write the model as an HF checkpoint of its family. Collective: every rank calls it.
 
@@ -167,8 +170,9 @@ def export_hf(
     expert rank writes its own tensors into shard files of at most ``max_shard_bytes`` (one
     tensor larger than that gets a file of its own); rank 0 then names the files
     ``model-0000i-of-0000n.safetensors`` and writes ``model.safetensors.index.json`` and
-    ``config.json``. Everything goes to ``<out_dir>.partial``, renamed to ``out_dir`` at the
-    end (an existing ``out_dir`` is replaced only then).
+    ``config.json``. Everything goes to ``<out_dir>.partial`` and is swapped in at the end
+    (:mod:`ling_pretrain.core.outputs`): a non-empty ``out_dir`` must be a previous export,
+    replaced only with ``overwrite``, and only the files that export wrote are replaced.
 
     Args:
         chunks: model chunks (``build_model`` output or DDP-wrapped).
@@ -180,6 +184,7 @@ def export_hf(
         template_dir: an HF directory whose tokenizer, generation config and modeling code
             are copied (files already written are kept).
         max_shard_bytes: size at which a rank starts a new safetensors file.
+        overwrite: replace a previous export in ``out_dir``.
 
     Returns:
         ``out_dir``.
@@ -191,14 +196,12 @@ def export_hf(
     template = Path(template_dir) if template_dir else None
     if template is not None and not template.is_dir():
         raise FileNotFoundError(f"template directory {template} does not exist")
-    out = Path(out_dir)
-    partial = out.with_name(out.name + ".partial")
+    claim = claim_dir(out_dir, EXPORT_KIND, overwrite=overwrite)
+    out, partial = claim.path, claim.staging
     distributed = dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     if rank == 0:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+        prepare_staging(claim)
     if distributed:
         dist.barrier()
 
@@ -253,11 +256,15 @@ def export_hf(
         files = [f for _, fs, _ in everything for f in fs]
         n = len(files)
         rename = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(files)}
+        tensors = {f: 0 for f in files}
+        for file in weight_map.values():
+            tensors[file] += 1
+        total = 0
         for old, new in rename.items():
             os.replace(partial / old, partial / new)
-        total = 0
-        for new in rename.values():
-            total += _safetensors_data_bytes(partial / new)
+            size = _safetensors_data_bytes(partial / new)
+            total += size
+            logger.info("wrote %s (%d tensors, %.1f MB)", new, tensors[old], size / 1e6)
         index = {
             "metadata": {"total_size": total},
             "weight_map": {k: rename[v] for k, v in sorted(weight_map.items())},
@@ -272,14 +279,15 @@ def export_hf(
         if template is not None:
             copied = _copy_template(template, partial, adapter.template_patterns)
             logger.info("copied from %s: %s", template, ", ".join(copied) or "nothing")
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-        os.replace(partial, out)
-        if old.exists():
-            shutil.rmtree(old)
+        else:
+            logger.warning(
+                "no template directory: %s gets no tokenizer, generation config or modeling "
+                "code, so it cannot be served or evaluated with text until they are there. "
+                "Pass the HF checkpoint you started from (launch/convert.py --template-dir), or "
+                "copy its tokenizer files in.",
+                out,
+            )
+        publish(claim)
         logger.info("wrote %s (%d files, %.1f MB)", out, n, total / 1e6)
     if distributed:
         dist.barrier()
