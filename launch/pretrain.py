@@ -1,12 +1,15 @@
-"""Train a Ling 2.0 model.
+"""Train a model (Ling 2.0 by default).
 
-    torchrun --nproc-per-node 2 launch/pretrain.py +model=ling_tiny
     python launch/pretrain.py +model=ling_tiny trainer.max_steps=20        # one process
+    python launch/pretrain.py --nproc-per-node 2 +model=ling_tiny          # two, validated first
+    torchrun --nproc-per-node 2 launch/pretrain.py +model=ling_tiny
     torchrun --nproc-per-node 8 launch/pretrain.py +model=ling_mini \\
         parallel.expert_model_parallel_size=8 data=indexed data.prefixes=[/data/corpus] ...
 
 Any field of the config can be overridden (see docs/configuration.md).
 """
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -14,7 +17,7 @@ from omegaconf import DictConfig
 from ling_pretrain.config.store import register_schemas
 from ling_pretrain.core.errors import ConfigError
 from ling_pretrain.core.log import setup_logging
-from ling_pretrain.train.loop import train
+from ling_pretrain.train.cli import exit_with_config_error, run_command_line
 
 register_schemas()
 
@@ -22,11 +25,15 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging(cfg.logging.level)
+    # Imported here, not above: processes started with spawn (data workers) import this
+    # script again and need none of megatron-core.
+    from ling_pretrain.train.loop import train
+
     try:
         train(cfg)
     except ConfigError as err:
-        raise SystemExit(str(err)) from None
+        exit_with_config_error(err)
 
 
 if __name__ == "__main__":
-    main()
+    run_command_line(sys.argv[1:], __file__, main)

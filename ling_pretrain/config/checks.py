@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
+from pathlib import Path
 from typing import Any
 
 from ling_pretrain.config.schema import JobConfig
 from ling_pretrain.core.dtypes import PARAMS_DTYPES
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+"""The shipped Hydra configuration directory."""
 
 RECOMPUTE = (None, "full", "selective")
 
@@ -55,4 +60,80 @@ def check_checkpoint(cfg: Any, errors: list[str]) -> None:
         errors.append(
             "checkpoint.init_from_hf excludes checkpoint.init_from and checkpoint.load_dir; "
             "set one."
+        )
+
+
+def presets(group: str) -> list[str]:
+    """The presets of a config group (``conf/<group>/*.yaml``), schema entries left out."""
+    return sorted(
+        p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.endswith("_schema")
+    )
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Problems of command-line overrides, found before Hydra composes anything: a key no
+    schema has (with the closest real one), or a preset a group does not have (with the
+    valid ones). Hydra's own messages for these point at ``+key=...``, which only adds a key
+    the run then refuses."""
+    problems: list[str] = []
+    for override in overrides:
+        if "=" not in override or override.startswith(("hydra.", "~", "+hydra.")):
+            continue
+        key, value = override.split("=", 1)
+        key = key.lstrip("+")
+        if "." not in key:
+            if (CONF_DIR / key).is_dir():
+                options = presets(key)
+                if value not in options and value.lower() != "null":
+                    problems.append(
+                        f"{key}={value}: conf/{key}/ has no preset {value!r}"
+                        f"{_suggest(value, options)}; choose one of {', '.join(options)}."
+                    )
+            else:
+                groups = sorted(typing.get_type_hints(JobConfig))
+                problems.append(
+                    f"{override}: {key!r} is neither a config group nor a field"
+                    f"{_suggest(key, groups)}; groups: {', '.join(groups)}."
+                )
+            continue
+        schema: Any = JobConfig
+        walked = []
+        for part in key.split("."):
+            hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+            if part not in hints:
+                path = ".".join(walked)
+                options = [f"{path}.{h}" if path else h for h in hints]
+                where = f"{path}." if path else ""
+                problems.append(
+                    f"{override}: {where}{part} is not a configuration field"
+                    f"{_suggest('.'.join([*walked, part]), options)}; see docs/configuration.md."
+                )
+                break
+            walked.append(part)
+            schema = hints[part]
+    return problems
+
+
+def check_run(cfg: Any, errors: list[str]) -> None:
+    """Append the problems of ``cfg.run``: an output directory the job cannot create or
+    write."""
+    out = Path(cfg.run.output_dir)
+    if out.exists() and not out.is_dir():
+        errors.append(
+            f"run.output_dir={out} is a file; the run needs a directory for its config, metrics "
+            "and checkpoints. Set run.output_dir to a directory (new or a previous run of it)."
+        )
+        return
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        errors.append(
+            f"run.output_dir={out} cannot be written ({parent} is not writable by this user); "
+            "set run.output_dir to a directory you can write."
         )

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ling_pretrain.config.checks import CONF_DIR, check_overrides, presets
 from ling_pretrain.config.store import register_schemas
 from ling_pretrain.core.errors import ConfigError
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-"""The shipped Hydra configuration directory."""
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
@@ -40,6 +37,12 @@ def has_model_override(overrides: Sequence[str]) -> bool:
     return any(o.startswith(("+model=", "model=")) for o in overrides)
 
 
+NO_MODEL = (
+    "no model chosen: add +model=<preset> to the command (presets: "
+    f"{', '.join(presets('model'))}), e.g. +model=ling_tiny for a run on CPU."
+)
+
+
 def compose_job(overrides: Sequence[str] = ()) -> DictConfig:
     """:func:`compose` for a job, with user mistakes turned into a :class:`ConfigError`.
 
@@ -49,12 +52,11 @@ def compose_job(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    problems = check_overrides(list(overrides))
     if not has_model_override(overrides):
-        presets = ", ".join(sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
-        raise ConfigError(
-            f"no model chosen: add +model=<preset> to the command (presets: {presets}), e.g. "
-            "+model=ling_tiny for a CPU run."
-        )
+        problems.insert(0, NO_MODEL)
+    if problems:
+        raise ConfigError("\n".join(problems) if len(problems) > 1 else problems[0])
     try:
         return compose(overrides)
     except (HydraException, OmegaConfBaseException) as err:

@@ -199,8 +199,10 @@ class DataConfig:
     """Where training samples come from. Presets live in ``conf/data/``."""
 
     source: str = "indexed"
-    """``indexed`` (megatron .bin/.idx prefixes) or ``mock`` (megatron's synthetic samples,
-    for smoke runs only)."""
+    """``indexed`` (megatron .bin/.idx prefixes, e.g. from data_tools/pretokenize.py),
+    ``builtin`` (the built-in corpus: this Python's standard library, tokenized by a small BPE
+    trained on it; built on first use) or ``mock`` (megatron's synthetic samples, for smoke
+    runs only)."""
     prefixes: list[str] = field(default_factory=list)
     """Indexed-dataset path prefixes (without .bin/.idx)."""
     weights: list[float] | None = None

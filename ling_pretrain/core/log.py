@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 
 
@@ -21,12 +22,43 @@ def setup_logging(level: str = "INFO") -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
-    # megatron-core announces at import that optional GPU kernels are absent; that is
-    # expected on the local (non-TE) path and is not actionable.
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    quiet_upstream_notices()
+
+
+UPSTREAM_NOTICES = (
+    # megatron-core at import: optional GPU kernels are absent (expected on the local path).
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    # megatron-core 0.16's TransformerConfig default, not a setting of ours.
+    "full scope is deprecated",
+    # torch about the collectives megatron-core calls.
+    "`torch.distributed.reduce_scatter_tensor` is deprecated",
+    "`torch.distributed.all_gather_into_tensor` is deprecated",
+)
+"""Warnings of the libraries underneath that say nothing a user can act on."""
+
+
+def quiet_upstream_notices() -> None:
+    """Hide :data:`UPSTREAM_NOTICES` in this process and in the processes it starts (data
+    workers, the checkpoint writer), and megatron-core's informational warnings (its rerun
+    state machine announcing its default mode)."""
+    for message in UPSTREAM_NOTICES:
+        warnings.filterwarnings("ignore", message=".*" + re.escape(message))
+    inherited = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    ours = [f"ignore:{m}" for m in UPSTREAM_NOTICES]
+    os.environ["PYTHONWARNINGS"] = ",".join(dict.fromkeys([*inherited, *ours]))
     for noisy in ("megatron.core", "megatron"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("megatron.core.rerun_state_machine").setLevel(logging.ERROR)
+
+
+def add_log_file(path: str | os.PathLike) -> None:
+    """Also write this process's log records to ``path`` (appended, e.g. across resumes)."""
+    handler = logging.FileHandler(path)
+    root = logging.getLogger()
+    if root.handlers:
+        handler.setFormatter(root.handlers[0].formatter)
+    root.addHandler(handler)
 
 
 def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):

@@ -8,7 +8,7 @@ concern, and this module only calls them, in order:
 =====================  ========================================================================
 concern                where its checks live
 =====================  ========================================================================
-schema (unknown keys)  :mod:`ling_pretrain.config.checks`
+schema (unknown keys)  :mod:`ling_pretrain.config.checks` (also the run directory)
 model family           ``ling_pretrain/models/<family>/`` (``ModelFamily.check``)
 layout                 :mod:`ling_pretrain.core.layout`
 trainer, checkpoint    :mod:`ling_pretrain.config.checks`; an HF directory by the family's adapter
@@ -25,7 +25,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ling_pretrain.config.checks import check_checkpoint, check_trainer, check_unknown_keys
+from omegaconf import OmegaConf
+
+from ling_pretrain.config.checks import (
+    check_checkpoint,
+    check_run,
+    check_trainer,
+    check_unknown_keys,
+)
+from ling_pretrain.config.load import NO_MODEL
 from ling_pretrain.core.errors import ConfigError, raise_if_any
 from ling_pretrain.core.layout import Layout, check_layout, derive_layout
 from ling_pretrain.data.checks import check_data
@@ -52,6 +60,8 @@ def validate(cfg: Any, world_size: int, hardware: Hardware | None = None) -> Lay
     Raises:
         ConfigError: listing every problem found, each with the field names and the fix.
     """
+    if OmegaConf.is_missing(cfg, "model"):
+        raise ConfigError(NO_MODEL)
     errors: list[str] = []
     check_unknown_keys(cfg, errors)
     raise_if_any(errors)
@@ -62,6 +72,7 @@ def validate(cfg: Any, world_size: int, hardware: Hardware | None = None) -> Lay
     family.check(cfg, errors)
     check_layout(cfg, world_size, errors)
     check_trainer(cfg, errors)
+    check_run(cfg, errors)
     check_optimizer(cfg, errors)
     check_data(cfg, errors)
     check_checkpoint(cfg, errors)

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from ling_pretrain.checkpoint.dist import save_checkpoint
 from ling_pretrain.core.io import atomic_write_text
+from ling_pretrain.core.log import add_log_file
 from ling_pretrain.data.gpt import make_loader
 from ling_pretrain.jobs.validate import validate
 from ling_pretrain.runtime.distributed import (
@@ -116,6 +117,8 @@ def train(cfg: Any) -> dict:
     info = init_distributed(cfg)
     try:
         if info.rank == 0:
+            os.makedirs(output_dir, exist_ok=True)
+            add_log_file(os.path.join(output_dir, "pretrain.log"))
             _write_config(cfg, output_dir)
             logger.info(
                 "%s on %d process(es): TP=%d PP=%d EP=%d CP=%d DP=%d VPP=%s, %d micro-batch(es) "

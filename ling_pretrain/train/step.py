@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -106,7 +107,11 @@ def train_step(parts: Any, num_microbatches: int) -> StepResult:
     cfg = parts.cfg
     for chunk in parts.model:
         chunk.zero_grad_buffer()
-    parts.optimizer.zero_grad()
+    with warnings.catch_warnings():
+        # megatron's distributed optimizer checks .grad of its fp32 shards, which for fp32
+        # parameters are views (non-leaf tensors); torch warns about reading it, harmlessly.
+        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not")
+        parts.optimizer.zero_grad()
     iters = weighted_microbatches(parts.train_iters, num_microbatches, cfg.model.mtp_num_layers)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,

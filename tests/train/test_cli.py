@@ -74,3 +74,72 @@ def test_model_info_prints_published_counts():
     assert round(info["total_params"] / 1e9, 2) == 16.26
     assert round(info["active_params"] / 1e9, 2) == 1.43
     assert info["mtp_params"] > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ([], "no model chosen: add +model=<preset>"),
+        (["+model=ling_tiny", "trainer.max_step=5"], "did you mean trainer.max_steps?"),
+        (["+model=ling_tiny", "fp8=blockwize"], "did you mean blockwise?"),
+        (["+model=ling_tin"], "did you mean ling_tiny?"),
+        (
+            ["+model=ling_tiny", "data=indexed", "data.prefixes=[/x]", "data.eod_token_id=0"],
+            "set data.seq_length<=1024",
+        ),
+    ],
+    ids=["no-model", "misspelt-key", "misspelt-preset", "misspelt-model", "seq-too-long"],
+)
+def test_mistakes_end_in_one_message_with_the_fix(tmp_path, overrides, expected):
+    proc = run_pretrain(tmp_path / "run", overrides, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert "_schema" not in proc.stderr  # the schema entries are no presets to offer
+    assert len(proc.stderr.strip().splitlines()) <= 8, proc.stderr
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("mine")
+    proc = run_pretrain(target, ["+model=ling_tiny"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"run.output_dir={target} is a file" in proc.stderr
+    assert target.read_text() == "mine"
+
+
+@pytest.mark.distributed
+def test_under_torchrun_a_config_error_is_printed_once(tmp_path):
+    """Rank 0 prints it (not every rank), and torchrun's failure summary names it as the
+    root cause instead of "To enable traceback ..."."""
+    bad = ["+model=ling_tiny", "parallel.tensor_model_parallel_size=3"]
+    proc = run_pretrain(tmp_path / "tr", bad, nproc=2, check=False)
+    assert proc.returncode != 0
+    ours, torchrun = proc.stderr.split("Traceback (most recent call last)", 1)
+    assert ours.count("does not divide model.num_attention_heads=4") == 1
+    root_cause = torchrun.split("Root Cause", 1)[1]
+    assert "does not divide model.num_attention_heads=4" in root_cause
+    assert "To enable traceback" not in proc.stderr
+
+
+@pytest.mark.distributed
+def test_nproc_per_node_validates_before_any_worker_starts(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import PRETRAIN, REPO, subprocess_env
+
+    cmd = [
+        sys.executable,
+        str(PRETRAIN),
+        "--nproc-per-node",
+        "2",
+        "+model=ling_tiny",
+        "parallel.tensor_model_parallel_size=3",
+        f"run.output_dir={tmp_path / 'np'}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("does not divide model.num_attention_heads=4") == 1
+    assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr
