@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 
+from ling_pretrain.data.indexed import ManifestError, collect_prefixes
 from ling_pretrain.data.pretokenize import (
     DEFAULT_MAX_SHARD_BYTES,
     DEFAULT_TEXT_SUFFIXES,
@@ -26,7 +27,6 @@ from ling_pretrain.data.pretokenize import (
     ON_ERROR_CHOICES,
     PretokenizeError,
     PretokenizeOptions,
-    collect_prefixes,
     pretokenize,
 )
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_prefixes:
         try:
             print(json.dumps(collect_prefixes(args.list_prefixes), indent=1))
-        except PretokenizeError as exc:
+        except ManifestError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0

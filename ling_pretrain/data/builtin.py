@@ -24,7 +24,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from ling_pretrain.data.pretokenize import PretokenizeOptions, index_size, pretokenize
+from ling_pretrain.data.indexed import index_size
+from ling_pretrain.data.pretokenize import PretokenizeOptions, pretokenize
 
 logger = logging.getLogger(__name__)
 

@@ -40,10 +40,17 @@ from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from ling_pretrain.data.indexed import (
+    DTYPE_CODES,
+    FORMAT_VERSION,
+    INDEX_HEADER,
+    index_size,
+    manifest_path,
+    part_prefix,
+    read_manifest,
+)
 
-FORMAT_VERSION = 1
-"""Bumped when the meaning of the output or of a manifest position changes."""
+logger = logging.getLogger(__name__)
 
 ON_ERROR_CHOICES = ("skip", "fail")
 DTYPE_CHOICES = ("auto", "uint16", "int32")
@@ -72,8 +79,6 @@ MAX_UNIT_BYTES = 2**30
 MIN_SPLIT_BYTES = 16 * 2**20
 """With ``num_shards > 1`` pieces are made smaller, but not below this, to balance tasks."""
 
-_INDEX_HEADER = b"MMIDIDX\x00\x00"
-_DTYPE_CODES = {"uint16": 8, "int32": 4}
 _SHARD_RE = r"_\d{5}"
 
 
@@ -130,7 +135,7 @@ class PretokenizeOptions:
         """The prefix this run writes: the output prefix, or its part for ``num_shards > 1``."""
         if self.num_shards == 1:
             return self.output_prefix
-        return f"{self.output_prefix}.part{self.shard_index:05d}-of-{self.num_shards:05d}"
+        return part_prefix(self.output_prefix, self.shard_index, self.num_shards)
 
 
 @dataclass(frozen=True)
@@ -347,9 +352,9 @@ def index_bytes(lengths: np.ndarray, dtype: str) -> bytes:
     if count > 1:
         np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(dtype).itemsize, out=pointers[1:])
     parts = [
-        _INDEX_HEADER,
+        INDEX_HEADER,
         struct.pack("<Q", 1),
-        struct.pack("<B", _DTYPE_CODES[dtype]),
+        struct.pack("<B", DTYPE_CODES[dtype]),
         struct.pack("<Q", count),
         struct.pack("<Q", count + 1),
         lengths.tobytes(),
@@ -357,11 +362,6 @@ def index_bytes(lengths: np.ndarray, dtype: str) -> bytes:
         np.arange(count + 1, dtype=np.int64).tobytes(),
     ]
     return b"".join(parts)
-
-
-def index_size(documents: int) -> int:
-    """Size in bytes of the ``.idx`` file for ``documents`` single-sequence documents."""
-    return len(_INDEX_HEADER) + 8 + 1 + 8 + 8 + documents * (4 + 8) + (documents + 1) * 8
 
 
 def _fsync_dir(path: str) -> None:
@@ -955,23 +955,6 @@ def _fingerprint(
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def _manifest_path(prefix: str) -> str:
-    return f"{prefix}.manifest.json"
-
-
-def _read_manifest(prefix: str) -> dict[str, Any] | None:
-    path = _manifest_path(prefix)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        logger.warning("ignoring unreadable manifest %s", path)
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
 def _shard_is_valid(directory: str, entry: dict[str, Any]) -> bool:
     prefix = os.path.join(directory, entry["prefix"])
     try:
@@ -1011,54 +994,7 @@ def _write_manifest(
             for s in shards
         ],
     }
-    _write_atomic(_manifest_path(prefix), (json.dumps(manifest, indent=1) + "\n").encode())
-
-
-def collect_prefixes(output_prefix: str) -> list[str]:
-    """All dataset prefixes written for ``output_prefix``, in order, for training configs.
-
-    Reads ``P.manifest.json`` or, for runs split with ``num_shards``, every
-    ``P.partIIIII-of-KKKKK.manifest.json``.
-
-    Raises:
-        PretokenizeError: when no manifest exists or a part is missing or unfinished.
-    """
-    manifest = _read_manifest(output_prefix)
-    if manifest is not None:
-        parts = [(output_prefix, manifest)]
-    else:
-        pattern = f"{glob.escape(output_prefix)}.part[0-9]*-of-[0-9]*.manifest.json"
-        paths = sorted(glob.glob(pattern))
-        if not paths:
-            raise PretokenizeError(
-                f"no manifest found for {output_prefix!r}: run pretokenize first"
-            )
-        totals = {int(re.search(r"-of-(\d+)\.manifest\.json$", p).group(1)) for p in paths}
-        if len(totals) != 1:
-            raise PretokenizeError(f"parts of {output_prefix!r} disagree on the number of shards")
-        total = totals.pop()
-        parts = []
-        missing = []
-        for index in range(total):
-            part_prefix = f"{output_prefix}.part{index:05d}-of-{total:05d}"
-            part = _read_manifest(part_prefix)
-            if part is None:
-                missing.append(index)
-            else:
-                parts.append((part_prefix, part))
-        if missing:
-            raise PretokenizeError(
-                f"parts {missing} of {output_prefix!r} have not been written yet"
-            )
-    prefixes = []
-    for prefix, part in parts:
-        if not part.get("complete"):
-            raise PretokenizeError(
-                f"{_manifest_path(prefix)} is unfinished: rerun its pretokenize job"
-            )
-        directory = os.path.dirname(os.path.abspath(prefix))
-        prefixes.extend(os.path.join(directory, s["prefix"]) for s in part["shards"])
-    return prefixes
+    _write_atomic(manifest_path(prefix), (json.dumps(manifest, indent=1) + "\n").encode())
 
 
 # --------------------------------------------------------------------------- driver
@@ -1279,7 +1215,7 @@ def _remove_outputs(prefix: str, manifest: dict[str, Any]) -> None:
             path = os.path.join(directory, entry["prefix"] + suffix)
             if os.path.exists(path):
                 os.unlink(path)
-    os.unlink(_manifest_path(prefix))
+    os.unlink(manifest_path(prefix))
 
 
 def _remove_temporary_files(prefix: str) -> None:
@@ -1329,7 +1265,7 @@ def pretokenize(options: PretokenizeOptions) -> PretokenizeSummary:
     os.makedirs(directory, exist_ok=True)
     if not os.access(directory, os.W_OK):
         raise PretokenizeError(f"cannot write to {directory!r}; choose another --output-prefix")
-    manifest = _read_manifest(prefix)
+    manifest = read_manifest(prefix)
     reused: list[_ShardRecord] = []
     if manifest is not None and manifest.get("fingerprint") == fingerprint:
         for entry in manifest.get("shards", []):

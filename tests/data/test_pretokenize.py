@@ -14,6 +14,7 @@ import pytest
 
 from ling_pretrain.data import pretokenize as pt
 from ling_pretrain.data.builtin import train_tokenizer
+from ling_pretrain.data.indexed import ManifestError, collect_prefixes
 from ling_pretrain.data.pretokenize import PretokenizeError, PretokenizeOptions, pretokenize
 
 REPO = Path(__file__).resolve().parents[2]
@@ -352,7 +353,7 @@ def test_size_limited_shards_concatenate_to_single_output(tmp_path, tokenizer_di
     for prefix in sharded.prefixes:
         size = os.path.getsize(f"{prefix}.bin")
         assert size <= limit or len(read_docs(prefix)) == 1
-    assert pt.collect_prefixes(str(tmp_path / "many")) == sharded.prefixes
+    assert collect_prefixes(str(tmp_path / "many")) == sharded.prefixes
     assert single.tokens == sharded.tokens
 
 
@@ -375,7 +376,7 @@ def test_task_parts_cover_the_input_in_order(tmp_path, tokenizer_dir):
         f"job.part{i:05d}-of-00003" for i in range(3)
     ]
     assert sum(s.documents for s in parts) == whole.documents
-    prefixes = pt.collect_prefixes(str(tmp_path / "job"))
+    prefixes = collect_prefixes(str(tmp_path / "job"))
     assert prefixes == [p for s in parts for p in s.prefixes]
     assert all_tokens(prefixes) == read_docs(tmp_path / "whole")
     # The empty document is reported at its true line even inside a later piece of the file.
@@ -386,8 +387,8 @@ def test_task_parts_cover_the_input_in_order(tmp_path, tokenizer_dir):
 def test_collect_prefixes_refuses_missing_part(tmp_path, tokenizer_dir):
     inputs = [write_jsonl(tmp_path / "a.jsonl", DOCS)]
     pretokenize(options(inputs, tokenizer_dir, tmp_path / "job", num_shards=2, shard_index=0))
-    with pytest.raises(PretokenizeError, match=r"parts \[1\]"):
-        pt.collect_prefixes(str(tmp_path / "job"))
+    with pytest.raises(ManifestError, match=r"parts \[1\]"):
+        collect_prefixes(str(tmp_path / "job"))
 
 
 # --------------------------------------------------------------------------- input kinds
