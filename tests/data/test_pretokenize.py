@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ling_pretrain.data import pretokenize as pt
 from ling_pretrain.data.builtin import train_tokenizer
 from ling_pretrain.data.indexed import ManifestError, collect_prefixes
 from ling_pretrain.data.pretokenize import PretokenizeError, PretokenizeOptions, pretokenize
+from ling_pretrain.data.pretokenize import run as pt
 
 REPO = Path(__file__).resolve().parents[2]
 EOD = "<|endoftext|>"
