@@ -12,10 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ling_pretrain.data import pretokenize as pt
 from ling_pretrain.data.builtin import train_tokenizer
 from ling_pretrain.data.indexed import ManifestError, collect_prefixes
 from ling_pretrain.data.pretokenize import PretokenizeError, PretokenizeOptions, pretokenize
-from ling_pretrain.data.pretokenize import run as pt
+from ling_pretrain.data.pretokenize.encode import encode_in_order
+from ling_pretrain.data.pretokenize.readers import Batch
+from ling_pretrain.data.pretokenize.writer import ShardWriter
 
 REPO = Path(__file__).resolve().parents[2]
 EOD = "<|endoftext|>"
@@ -34,7 +37,8 @@ DOCS = [
 def tokenizer_dir(tmp_path_factory) -> str:
     """A small byte-level BPE with <|endoftext|> as eos and pad."""
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    corpus = DOCS * 3 + [Path(pt.__file__).read_text()]
+    sources = sorted(Path(pt.__file__).parent.glob("*.py"))
+    corpus = DOCS * 3 + [p.read_text() for p in sources]
     return train_tokenizer(corpus, vocab_size=400, out_dir=out)
 
 
@@ -261,7 +265,7 @@ def test_crash_leaves_no_valid_index_and_rerun_matches_clean_run(
     clean = pretokenize(options(inputs, tokenizer_dir, tmp_path / "clean" / "p", **kw))
     assert len(clean.prefixes) >= 4
 
-    original = pt._ShardWriter.write
+    original = ShardWriter.write
 
     def crashing_write(self, tokens, lengths):
         if self.tmp_prefix.endswith("_00002"):
@@ -271,8 +275,8 @@ def test_crash_leaves_no_valid_index_and_rerun_matches_clean_run(
         original(self, tokens, lengths)
 
     # A hard kill runs no clean-up: leave the temporary files behind as it would.
-    monkeypatch.setattr(pt._ShardWriter, "write", crashing_write)
-    monkeypatch.setattr(pt._ShardWriter, "abort", lambda self: None)
+    monkeypatch.setattr(ShardWriter, "write", crashing_write)
+    monkeypatch.setattr(ShardWriter, "abort", lambda self: None)
     prefix = tmp_path / "crash" / "p"
     with pytest.raises(KeyboardInterrupt):
         pretokenize(options(inputs, tokenizer_dir, prefix, **kw))
@@ -311,7 +315,7 @@ def test_crash_while_replacing_old_output_never_pairs_new_bin_with_old_idx(
             raise KeyboardInterrupt("killed between renames")
         real_replace(src, dst)
 
-    monkeypatch.setattr(pt.os, "replace", crash_on_idx)
+    monkeypatch.setattr(os, "replace", crash_on_idx)
     with pytest.raises(KeyboardInterrupt):
         pretokenize(options([path], tokenizer_dir, prefix))
     assert not Path(f"{prefix}.idx").exists()
@@ -509,7 +513,7 @@ def test_command_line_prints_summary_and_reports_user_errors(tmp_path, tokenizer
 
 
 def test_dead_worker_raises_instead_of_hanging(tmp_path):
-    batch = pt._Batch("jsonl", b'{"text": "a"}\n', [(0, 0, 1)], 14)
+    batch = Batch("jsonl", b'{"text": "a"}\n', [(0, 0, 1)], 14)
     init_args = (str(tmp_path / "missing" / "tokenizer.json"), 0, "uint16", "text", False)
     with pytest.raises(RuntimeError, match="worker process died"):
-        list(pt._encode_in_order([batch, batch, batch], 2, init_args))
+        list(encode_in_order([batch, batch, batch], 2, init_args))
