@@ -24,6 +24,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from ling_pretrain.core.io import atomic_write_text
 from ling_pretrain.data.indexed import index_size
 from ling_pretrain.data.pretokenize import PretokenizeOptions, pretokenize
 
@@ -129,19 +130,10 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLik
         "clean_up_tokenization_spaces": False,
     }
     special = {"eos_token": EOD_TOKEN, "pad_token": EOD_TOKEN}
-    _write_text(out / "tokenizer.json", tokenizer.to_str())
-    _write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-    _write_text(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+    atomic_write_text(out / "tokenizer.json", tokenizer.to_str())
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
     return str(out)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _training_subset(texts: list[str], budget: int) -> list[str]:
@@ -229,7 +221,7 @@ def ensure_builtin_corpus(
         if not documents:
             raise FileNotFoundError(f"no UTF-8 *.py files found under {root}")
         jsonl = directory / JSONL_NAME
-        _write_text(jsonl, "".join(json.dumps(d) + "\n" for d in documents))
+        atomic_write_text(jsonl, "".join(json.dumps(d) + "\n" for d in documents))
         texts = [d["text"] for d in documents]
         train_tokenizer(_training_subset(texts, TRAIN_BYTES), vocab_size, tokenizer_dir)
         if workers is None:
@@ -254,6 +246,6 @@ def ensure_builtin_corpus(
             "tokens": summary.tokens,
             "bin_bytes": bin_bytes,
         }
-        _write_text(directory / STAMP_NAME, json.dumps(stamp, indent=2) + "\n")
+        atomic_write_text(directory / STAMP_NAME, json.dumps(stamp, indent=2) + "\n")
         logger.info("built-in corpus: %d documents, %d tokens", summary.documents, summary.tokens)
     return prefix, tokenizer_dir

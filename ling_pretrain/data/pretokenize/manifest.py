@@ -8,18 +8,23 @@ there. The reading side (which training uses) is :mod:`ling_pretrain.data.indexe
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ling_pretrain.data.indexed import FORMAT_VERSION, index_size, manifest_path
+from ling_pretrain.core.io import atomic_write_text
+from ling_pretrain.data.indexed import FORMAT_VERSION, MANIFEST_SUFFIX, index_size, manifest_path
 from ling_pretrain.data.pretokenize.encode import TokenizerInfo
 from ling_pretrain.data.pretokenize.inputs import InputFile
 from ling_pretrain.data.pretokenize.options import PretokenizeOptions
-from ling_pretrain.data.pretokenize.writer import write_atomic
+
+SUMMARY_SUFFIX = ".summary.json"
+"""The run's summary, ``<prefix>.summary.json``, sits beside its manifest."""
 
 
 @dataclass
@@ -128,7 +133,7 @@ def write_manifest(
             for s in shards
         ],
     }
-    write_atomic(manifest_path(prefix), (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write_text(manifest_path(prefix), json.dumps(manifest, indent=1) + "\n", sync_dir=True)
 
 
 def remove_outputs(prefix: str, manifest: dict[str, Any]) -> None:
@@ -140,3 +145,13 @@ def remove_outputs(prefix: str, manifest: dict[str, Any]) -> None:
             if os.path.exists(path):
                 os.unlink(path)
     os.unlink(manifest_path(prefix))
+
+
+def remove_temporary_files(prefix: str) -> None:
+    """Delete the temporary files an interrupted run left for ``prefix``: those of its
+    shards (``<prefix>_NNNNN.bin/.idx``), its manifest and its summary, and nothing else."""
+    names = rf"(_\d{{5}}\.(bin|idx)|{re.escape(MANIFEST_SUFFIX)}|{re.escape(SUMMARY_SUFFIX)})"
+    pattern = re.compile(re.escape(prefix) + names + r"\.tmp\d*")
+    for path in glob.glob(f"{glob.escape(prefix)}*.tmp*"):
+        if pattern.fullmatch(path):
+            os.unlink(path)

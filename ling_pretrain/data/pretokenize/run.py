@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ling_pretrain.core.io import atomic_write_text
 from ling_pretrain.data.indexed import read_manifest
 from ling_pretrain.data.pretokenize.encode import (
     SKIP_REASONS,
@@ -35,9 +36,11 @@ from ling_pretrain.data.pretokenize.inputs import (
     select_units,
 )
 from ling_pretrain.data.pretokenize.manifest import (
+    SUMMARY_SUFFIX,
     ShardRecord,
     finished_shards,
     remove_outputs,
+    remove_temporary_files,
     run_fingerprint,
     write_manifest,
 )
@@ -47,11 +50,7 @@ from ling_pretrain.data.pretokenize.options import (
     validate_options,
 )
 from ling_pretrain.data.pretokenize.readers import Batch, merge_batches, read_unit
-from ling_pretrain.data.pretokenize.writer import (
-    ShardWriter,
-    remove_temporary_files,
-    write_atomic,
-)
+from ling_pretrain.data.pretokenize.writer import ShardWriter
 
 logger = logging.getLogger(__name__)
 
@@ -356,8 +355,8 @@ def pretokenize(options: PretokenizeOptions) -> PretokenizeSummary:
             "no documents were written for %s (every record was skipped or the input is empty)",
             prefix,
         )
-    write_atomic(
-        f"{prefix}.summary.json", (json.dumps(summary.to_dict(), indent=1) + "\n").encode()
+    atomic_write_text(
+        prefix + SUMMARY_SUFFIX, json.dumps(summary.to_dict(), indent=1) + "\n", sync_dir=True
     )
     return summary
 

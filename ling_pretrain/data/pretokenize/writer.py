@@ -9,16 +9,13 @@ valid-looking index over partial data.
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 import struct
 
 import numpy as np
 
+from ling_pretrain.core.io import atomic_open
 from ling_pretrain.data.indexed import DTYPE_CODES, INDEX_HEADER
-
-_SHARD_RE = r"_\d{5}"
 
 
 def index_bytes(lengths: np.ndarray, dtype: str) -> bytes:
@@ -45,77 +42,46 @@ def index_bytes(lengths: np.ndarray, dtype: str) -> bytes:
     return b"".join(parts)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 class ShardWriter:
     """Writes one shard under temporary names; ``finish`` publishes it atomically.
 
-    The documents are appended to ``<tmp_prefix>.bin.tmp`` as they come; the ``.idx`` is
-    written at the end, when all lengths are known.
+    The documents are appended to the temporary file of ``<tmp_prefix>.bin`` as they come
+    (:func:`ling_pretrain.core.io.atomic_open` names it); the ``.idx`` is written at the
+    end, when all lengths are known. The shard may be published under another prefix than
+    the one it was started under (a run's only shard drops the ``_00000``).
     """
 
     def __init__(self, tmp_prefix: str, dtype: str) -> None:
         self.tmp_prefix = tmp_prefix
         self.dtype = dtype
-        self.file = open(f"{tmp_prefix}.bin.tmp", "wb")
+        self.bin = atomic_open(f"{tmp_prefix}.bin", "wb")
         self.lengths: list[np.ndarray] = []
         self.documents = 0
         self.bin_bytes = 0
 
     def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        self.file.write(memoryview(tokens).cast("B"))
+        self.bin.file.write(memoryview(tokens).cast("B"))
         self.lengths.append(lengths)
         self.documents += len(lengths)
         self.bin_bytes += tokens.nbytes
 
     def finish(self, prefix: str) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        """Publish the shard as ``<prefix>.bin/.idx``: ``.bin`` first, ``.idx`` last, each
+        fsynced before its rename, then the directory."""
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int32)
-        idx_tmp = f"{self.tmp_prefix}.idx.tmp"
-        with open(idx_tmp, "wb") as f:
-            f.write(index_bytes(lengths, self.dtype))
-            f.flush()
-            os.fsync(f.fileno())
-        # Drop any older index first: between the two renames below a new .bin must never
-        # sit beside an old, valid-looking .idx.
-        if os.path.exists(f"{prefix}.idx"):
-            os.unlink(f"{prefix}.idx")
-        os.replace(f"{self.tmp_prefix}.bin.tmp", f"{prefix}.bin")
-        os.replace(idx_tmp, f"{prefix}.idx")
-        _fsync_dir(os.path.dirname(os.path.abspath(prefix)))
+        index = atomic_open(f"{self.tmp_prefix}.idx", "wb", sync_dir=True)
+        try:
+            index.file.write(index_bytes(lengths, self.dtype))
+            # Drop any older index first: between the two renames a new .bin must never
+            # sit beside an old, valid-looking .idx.
+            if os.path.exists(f"{prefix}.idx"):
+                os.unlink(f"{prefix}.idx")
+            self.bin.commit(f"{prefix}.bin")
+        except BaseException:
+            index.discard()
+            raise
+        index.commit(f"{prefix}.idx")
 
     def abort(self) -> None:
-        self.file.close()
-        for suffix in (".bin.tmp", ".idx.tmp"):
-            if os.path.exists(self.tmp_prefix + suffix):
-                os.unlink(self.tmp_prefix + suffix)
-
-
-def remove_temporary_files(prefix: str) -> None:
-    """Delete the temporary shard files an interrupted run left for ``prefix``."""
-    for tmp in glob.glob(f"{glob.escape(prefix)}_[0-9]*.*.tmp"):
-        if re.fullmatch(re.escape(prefix) + _SHARD_RE + r"\.(bin|idx)\.tmp", tmp):
-            os.unlink(tmp)
+        """Remove the temporary files; nothing is published."""
+        self.bin.discard()
