@@ -9,6 +9,11 @@ held out: the trainer splits documents itself.
 The build is deterministic and idempotent: a stamp file records what was built from what,
 and a later call whose stamp matches returns at once without writing anything, so every
 rank of a job may call :func:`ensure_builtin_corpus` after rank 0 has built it.
+
+This is the one training-side module that imports the pretokenizer
+(:mod:`ling_pretrain.data.pretokenize`), because building the built-in corpus *is* a
+pretokenize run; everything else that reads training data goes through the reader
+:mod:`ling_pretrain.data.indexed` only, and the pretokenizer never imports this module.
 """
 
 from __future__ import annotations
