@@ -63,7 +63,8 @@ def load_tokenizer_info(tokenizer_dir: str, eod_token: str | None = None) -> Tok
         The tokenizer file, eod token and id, id cardinality and a hash of the tokenizer.
 
     Raises:
-        PretokenizeError: when the directory, tokenizer.json or the eod token is missing.
+        PretokenizeError: when the directory, tokenizer.json or the eod token is missing, or
+            a file cannot be read.
     """
     if not os.path.isdir(tokenizer_dir):
         raise PretokenizeError(
@@ -81,8 +82,16 @@ def load_tokenizer_info(tokenizer_dir: str, eod_token: str | None = None) -> Tok
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             meta = os.path.join(tokenizer_dir, name)
             if os.path.isfile(meta):
-                with open(meta, encoding="utf-8") as f:
-                    eod_token = _special_token_value(json.load(f).get("eos_token"))
+                try:
+                    with open(meta, encoding="utf-8") as f:
+                        config = json.load(f)
+                except (OSError, ValueError) as exc:
+                    raise PretokenizeError(
+                        f"cannot read {meta}: {exc}; repair or remove the file, or save the "
+                        "tokenizer again with save_pretrained"
+                    ) from None
+                value = config.get("eos_token") if isinstance(config, dict) else None
+                eod_token = _special_token_value(value)
                 if eod_token is not None:
                     source = name
                     break
@@ -92,11 +101,17 @@ def load_tokenizer_info(tokenizer_dir: str, eod_token: str | None = None) -> Tok
             f"special_tokens_map.json in {tokenizer_dir!r} names an eos_token; pass the token "
             "string with --eod-token (Ling: --eod-token '<|endoftext|>')"
         )
-    with open(tokenizer_json, "rb") as f:
-        raw = f.read()
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+    try:
+        with open(tokenizer_json, "rb") as f:
+            raw = f.read()
+        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as exc:  # the tokenizers library raises a bare Exception
+        raise PretokenizeError(
+            f"cannot load {tokenizer_json}: {exc}; it must be a Hugging Face tokenizers file, "
+            "as written by save_pretrained of a fast tokenizer"
+        ) from None
     eod_id = tokenizer.token_to_id(eod_token)
     if eod_id is None:
         raise PretokenizeError(

@@ -160,6 +160,14 @@ def discover_inputs(
     return files
 
 
+def unreadable(path: str, exc: BaseException) -> PretokenizeError:
+    """The error for an input file that cannot be read or decoded."""
+    return PretokenizeError(
+        f"cannot read {path}: {str(exc).rstrip('.')}; the file is damaged (a truncated download or copy?) or "
+        "not what its name says: repair, replace or remove it, then rerun"
+    )
+
+
 def choose_split_bytes(
     files: Sequence[InputFile], num_shards: int, requested: int | None = None
 ) -> int:
@@ -188,9 +196,13 @@ def plan_units(files: Sequence[InputFile], split_bytes: int) -> list[Unit]:
         elif f.kind == "jsonl" and f.compression is None:
             units.append(Unit(index, 0, f.size, weight=f.size))
         elif f.kind == "parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            meta = pq.ParquetFile(f.path).metadata
+            try:
+                meta = pq.ParquetFile(f.path).metadata
+            except (OSError, pa.ArrowException) as exc:
+                raise unreadable(f.path, exc) from None
             total_rows = max(meta.num_rows, 1)
             row_base = 0
             for group in range(meta.num_row_groups):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -87,6 +88,11 @@ def validate_options(options: PretokenizeOptions) -> None:
         raise PretokenizeError(f"workers={options.workers}; use at least 1")
     if options.max_shard_bytes < 1:
         raise PretokenizeError(f"max_shard_bytes={options.max_shard_bytes}; use a positive size")
+    if options.output_prefix.endswith(("/", os.sep)):
+        raise PretokenizeError(
+            f"output prefix {options.output_prefix!r} names a directory; add the file name "
+            "prefix, e.g. --output-prefix /data/tok/web_text_document"
+        )
     if options.output_prefix.endswith((".bin", ".idx")):
         raise PretokenizeError(
             f"output prefix {options.output_prefix!r} ends with .bin/.idx; pass the prefix only"

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ling_pretrain.data.pretokenize.inputs import InputFile, Unit
+from ling_pretrain.data.pretokenize.inputs import InputFile, Unit, unreadable
 
 
 @dataclass
@@ -97,8 +97,39 @@ def read_unit(
 
     JSONL is read in blocks of about ``batch_bytes``, Parquet and Arrow in record batches of
     at most ``batch_records`` rows.
+
+    Raises:
+        PretokenizeError: naming the file, when it cannot be read or decompressed.
     """
     f = files[unit.file]
+    try:
+        yield from _read_unit(f, unit_index, unit, text_key, skip, batch_bytes, batch_records)
+    except (OSError, EOFError, ValueError, *_library_errors(f)) as exc:
+        raise unreadable(f.path, exc) from None
+
+
+def _library_errors(f: InputFile) -> tuple[type[BaseException], ...]:
+    """The errors the decompressor or Arrow raise for a damaged file of this kind."""
+    if f.compression == "zstd":
+        import zstandard
+
+        return (zstandard.ZstdError,)
+    if f.kind in ("parquet", "arrow"):
+        import pyarrow as pa
+
+        return (pa.ArrowException,)
+    return ()
+
+
+def _read_unit(
+    f: InputFile,
+    unit_index: int,
+    unit: Unit,
+    text_key: str,
+    skip: int,
+    batch_bytes: int,
+    batch_records: int,
+) -> Iterator[Batch]:
     record = 0
     if f.kind == "jsonl":
         for blob in _jsonl_blobs(f, unit, batch_bytes):

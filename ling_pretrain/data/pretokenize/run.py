@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -244,6 +245,29 @@ class _Run:
             self.writer = None
 
 
+def _check_writable(directory: str) -> None:
+    """Create the output directory and check that files can be created in it.
+
+    Raises:
+        PretokenizeError: naming the directory and the cause.
+    """
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise PretokenizeError(
+            f"cannot write to {directory!r}: it is a file, not a directory; choose another "
+            "--output-prefix"
+        )
+    try:
+        os.makedirs(directory, exist_ok=True)
+        # An unnamed file: the check leaves nothing behind, whatever happens.
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise PretokenizeError(
+            f"cannot write to {directory!r} ({exc.strerror or exc}); choose another "
+            "--output-prefix or fix the directory's permissions"
+        ) from None
+
+
 def pretokenize(options: PretokenizeOptions) -> PretokenizeSummary:
     """Tokenize the inputs into megatron-core indexed dataset shards.
 
@@ -275,9 +299,7 @@ def pretokenize(options: PretokenizeOptions) -> PretokenizeSummary:
 
     prefix = os.path.abspath(options.run_prefix)
     directory = os.path.dirname(prefix)
-    os.makedirs(directory, exist_ok=True)
-    if not os.access(directory, os.W_OK):
-        raise PretokenizeError(f"cannot write to {directory!r}; choose another --output-prefix")
+    _check_writable(directory)
     manifest = read_manifest(prefix)
     reused: list[ShardRecord] = []
     if manifest is not None and manifest.get("fingerprint") == fingerprint:
@@ -333,6 +355,15 @@ def pretokenize(options: PretokenizeOptions) -> PretokenizeSummary:
             bytes_read += batch.nbytes
             progress.update(len(result[1]), run.tokens_this_run, bytes_read)
         run.finish()
+    except OSError as exc:
+        # Unreadable inputs are PretokenizeErrors by now: this is the file system under the
+        # output (a full disk, a quota, permissions changed during the run).
+        run.abort()
+        raise PretokenizeError(
+            f"pretokenizing {prefix} stopped: {exc}; fix the cause (free space, quota, "
+            "permissions), then rerun the same command: it keeps the finished shards and "
+            "continues"
+        ) from None
     except BaseException:
         run.abort()
         raise
