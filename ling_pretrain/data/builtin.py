@@ -226,7 +226,10 @@ def ensure_builtin_corpus(
         if not documents:
             raise FileNotFoundError(f"no UTF-8 *.py files found under {root}")
         jsonl = directory / JSONL_NAME
-        atomic_write_text(jsonl, "".join(json.dumps(d) + "\n" for d in documents))
+        # Empty source files (many __init__.py) have nothing to tokenize; left out here,
+        # they are not counted as skipped records. The tokenizer still trains on the
+        # evenly spaced subset of all files, as it always has.
+        atomic_write_text(jsonl, "".join(json.dumps(d) + "\n" for d in documents if d["text"]))
         texts = [d["text"] for d in documents]
         train_tokenizer(_training_subset(texts, TRAIN_BYTES), vocab_size, tokenizer_dir)
         if workers is None:

@@ -101,6 +101,11 @@ def collect_prefixes(output_prefix: str) -> list[str]:
     prefixes = []
     for prefix, part in parts:
         if not part.get("complete"):
+            if part.get("failed"):
+                raise ManifestError(
+                    f"{manifest_path(prefix)} is unfinished: its pretokenize run failed "
+                    f"({part['failed']}); fix the input and rerun it"
+                )
             raise ManifestError(f"{manifest_path(prefix)} is unfinished: rerun its pretokenize job")
         directory = os.path.dirname(os.path.abspath(prefix))
         prefixes.extend(os.path.join(directory, s["prefix"]) for s in part["shards"])

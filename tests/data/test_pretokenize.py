@@ -182,7 +182,9 @@ BAD_LINES = {
 def test_bad_record_skip_counts_with_location(tmp_path, tokenizer_dir, reason):
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"\n".join([GOOD, GOOD, BAD_LINES[reason], GOOD]) + b"\n")
-    summary = pretokenize(options([path], tokenizer_dir, tmp_path / "out", on_error="skip"))
+    summary = pretokenize(
+        options([path], tokenizer_dir, tmp_path / "out", on_error="skip", max_bad_fraction=1)
+    )
     assert summary.documents == 3
     assert summary.skipped == {reason: 1}
     assert summary.skipped_examples[0]["where"] == f"{path}:3"
@@ -201,7 +203,7 @@ def test_bad_record_fail_names_file_and_line(tmp_path, tokenizer_dir, reason):
 def test_unpaired_surrogate_is_invalid_utf8(tmp_path, tokenizer_dir):
     path = tmp_path / "in.jsonl"
     path.write_text('{"text": "ok"}\n{"text": "lone \\ud800 surrogate"}\n{"text": "fine"}\n')
-    summary = pretokenize(options([path], tokenizer_dir, tmp_path / "out"))
+    summary = pretokenize(options([path], tokenizer_dir, tmp_path / "out", max_bad_fraction=1))
     assert summary.skipped == {"invalid_utf8": 1}
     assert summary.skipped_examples[0]["where"] == f"{path}:2"
     assert read_docs(tmp_path / "out") == [
@@ -215,7 +217,7 @@ def test_bad_text_file_reports_line(tmp_path, tokenizer_dir):
     (directory / "a.txt").write_text("fine text")
     (directory / "b.txt").write_bytes(b"line 1\nline 2 \xff\n")
     (directory / "c.txt").write_bytes(b"")
-    summary = pretokenize(options([directory], tokenizer_dir, tmp_path / "out"))
+    summary = pretokenize(options([directory], tokenizer_dir, tmp_path / "out", max_bad_fraction=1))
     assert summary.documents == 1
     assert summary.skipped == {"empty": 1, "invalid_utf8": 1}
     where = {e["reason"]: e["where"] for e in summary.skipped_examples}
@@ -368,7 +370,7 @@ def test_task_parts_cover_the_input_in_order(tmp_path, tokenizer_dir):
     big = write_jsonl(tmp_path / "big.jsonl", lines)
     small = write_jsonl(tmp_path / "small.jsonl", DOCS)
     inputs = [big, small]
-    kw = {"input_split_bytes": 2048}
+    kw = {"input_split_bytes": 2048, "max_bad_fraction": 1}
     whole = pretokenize(options(inputs, tokenizer_dir, tmp_path / "whole", **kw))
     parts = []
     for index in range(3):
@@ -455,12 +457,12 @@ def test_parquet_rows_are_located_and_missing_column_counted(tmp_path, tokenizer
 
     parquet = tmp_path / "a.parquet"
     pq.write_table(pa.table({"text": ["a", "b", None, "d", "", "f"]}), parquet, row_group_size=2)
-    summary = pretokenize(options([parquet], tokenizer_dir, tmp_path / "p"))
+    summary = pretokenize(options([parquet], tokenizer_dir, tmp_path / "p", max_bad_fraction=1))
     assert summary.documents == 4
     assert [e["where"] for e in summary.skipped_examples] == [f"{parquet}:3", f"{parquet}:5"]
     other = tmp_path / "b.parquet"
     pq.write_table(pa.table({"body": ["x", "y"]}), other)
-    summary = pretokenize(options([other], tokenizer_dir, tmp_path / "q"))
+    summary = pretokenize(options([other], tokenizer_dir, tmp_path / "q", max_bad_fraction=1))
     assert summary.documents == 0 and summary.skipped == {"missing_key": 2}
     assert summary.prefixes == [] and not (tmp_path / "q.idx").exists()
 

@@ -1,4 +1,4 @@
-"""data_tools/pretokenize.py as a user runs it: user mistakes are messages, not tracebacks."""
+"""data_tools/pretokenize.py as a user runs it: bad records are reported, user mistakes are messages."""
 
 from __future__ import annotations
 
@@ -54,6 +54,93 @@ def manifest(prefix: Path) -> dict:
     return json.loads(Path(f"{prefix}.manifest.json").read_text())
 
 
+# --------------------------------------------------------------------------- bad records
+
+
+def test_skipped_records_are_named_on_stderr_and_in_the_progress_line(tmp_path, tokenizer_dir):
+    path = write_lines(tmp_path / "in.jsonl", records(3000, {11: '{"text": broken', 2001: "{}"}))
+    done = pretokenize_cli(
+        "--input", path, "--tokenizer", tokenizer_dir, "--output-prefix", tmp_path / "out",
+        "--workers", "2",
+        progress=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "2 skipped]" in done.stderr  # the final state of the progress bar
+    (warning,) = [line for line in done.stderr.splitlines() if "were skipped" in line]
+    assert "2 of 3000 records (0.0667%) were skipped: " in warning
+    assert f"{path}:11 (line is not valid JSON: " in warning
+    assert f"{path}:2001 (text key is missing: no 'text' key)" in warning
+    assert "allowed: up to 0.1%, --max-bad-fraction" in warning
+    summary = json.loads(done.stdout)
+    assert summary["documents"] == 2998 and summary["skipped_total"] == 2
+    assert summary["skipped_fraction"] == round(2 / 3000, 6)
+    assert manifest(tmp_path / "out")["complete"] is True
+
+
+def test_too_many_bad_records_fail_and_leave_the_output_unfinished(tmp_path, tokenizer_dir):
+    bad = {5: "not json at all", 17: json.dumps({"text": ""}), 30: json.dumps({"text": 3})}
+    path = write_lines(tmp_path / "in.jsonl", records(40, bad))
+    prefix = tmp_path / "out" / "p"
+    common = ["--input", path, "--tokenizer", tokenizer_dir, "--max-shard-bytes", "300"]
+    done = pretokenize_cli(*common, "--output-prefix", prefix)
+    assert done.returncode == 2
+    message = error_paragraph(done.stderr)
+    assert message.startswith(f"error: too many bad records for {prefix}: 3 of 40 records (7.5%)")
+    assert f"first at {path}:5 (line is not valid JSON: " in message
+    assert f"{path}:17 (document is empty), {path}:30 (text value is not a string: got int)" in (
+        message
+    )
+    assert "more than --max-bad-fraction 0.001 (0.1%)" in message
+    for fix in ("Clean the data", "raise --max-bad-fraction", "--on-error fail"):
+        assert fix in message
+    assert done.stdout == ""
+
+    # Finished shards stay, the last one is not published, and nothing reads it as data.
+    written = manifest(prefix)
+    assert written["complete"] is False and "more than max_bad_fraction=0.001" in written["failed"]
+    kept = [s["prefix"] for s in written["shards"]]
+    assert kept and sorted(p.name for p in prefix.parent.glob("*.idx")) == [
+        f"{name}.idx" for name in kept
+    ]
+    assert not (prefix.parent / "p.idx").exists()
+    assert not list(prefix.parent.glob("*.tmp*"))
+    listed = pretokenize_cli("--list-prefixes", prefix)
+    assert listed.returncode == 2 and "its pretokenize run failed" in error_paragraph(listed.stderr)
+
+    # Allowing the skips keeps the finished shards and gives the bytes of a clean run.
+    again = pretokenize_cli(*common, "--output-prefix", prefix, "--max-bad-fraction", "0.1")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["shards_reused"] == len(kept) and summary["skipped_total"] == 3
+    assert "3 of 40 records (7.5%) were skipped" in again.stderr
+    fresh = tmp_path / "fresh" / "p"
+    clean = pretokenize_cli(*common, "--output-prefix", fresh, "--max-bad-fraction", "1")
+    assert clean.returncode == 0, clean.stderr
+    names = [Path(p).name for p in summary["prefixes"]]
+    assert names == [Path(p).name for p in json.loads(clean.stdout)["prefixes"]]
+    for name in names:
+        for suffix in (".bin", ".idx"):
+            assert (prefix.parent / (name + suffix)).read_bytes() == (
+                fresh.parent / (name + suffix)
+            ).read_bytes()
+
+
+def test_a_wrong_text_key_fails_and_publishes_nothing(tmp_path, tokenizer_dir):
+    path = write_lines(tmp_path / "in.jsonl", records(20, {}))
+    prefix = tmp_path / "p"
+    args = ["--input", path, "--tokenizer", tokenizer_dir, "--output-prefix", prefix]
+    done = pretokenize_cli(*args, "--text-key", "content")
+    assert done.returncode == 2
+    message = error_paragraph(done.stderr)
+    assert "20 of 20 records (100%) were skipped: 20 text key is missing" in message
+    assert "(Is --text-key right?)" in message
+    assert not (tmp_path / "p.bin").exists() and not (tmp_path / "p.idx").exists()
+    stopped = pretokenize_cli(*args, "--on-error", "fail", "--text-key", "content")
+    assert stopped.returncode == 2
+    assert error_paragraph(stopped.stderr).startswith(f"error: {path}:1: text key is missing")
+
+
 # --------------------------------------------------------------------------- user mistakes
 
 
@@ -104,6 +191,7 @@ MISTAKES = {
         },
         "Compressed file ended",
     ),
+    "bad fraction": (lambda t, tok: {"--max-bad-fraction": "5"}, "between 0 and 1"),
 }
 
 

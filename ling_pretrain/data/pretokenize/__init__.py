@@ -39,6 +39,7 @@ from ling_pretrain.data.pretokenize.encode import (
 )
 from ling_pretrain.data.pretokenize.inputs import InputFile, discover_inputs
 from ling_pretrain.data.pretokenize.options import (
+    DEFAULT_MAX_BAD_FRACTION,
     DEFAULT_MAX_SHARD_BYTES,
     DEFAULT_TEXT_SUFFIXES,
     DTYPE_CHOICES,
@@ -50,6 +51,7 @@ from ling_pretrain.data.pretokenize.run import PretokenizeSummary, pretokenize
 from ling_pretrain.data.pretokenize.writer import index_bytes
 
 __all__ = [
+    "DEFAULT_MAX_BAD_FRACTION",
     "DEFAULT_MAX_SHARD_BYTES",
     "DEFAULT_TEXT_SUFFIXES",
     "DTYPE_CHOICES",

@@ -110,8 +110,10 @@ def write_manifest(
     eod_id: int,
     shards: list[ShardRecord],
     complete: bool,
+    failed: str | None = None,
 ) -> None:
-    """Atomically (re)write ``<prefix>.manifest.json`` listing ``shards``."""
+    """Atomically (re)write ``<prefix>.manifest.json`` listing ``shards``; ``failed`` says
+    why an unfinished run stopped."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "complete": complete,
@@ -133,6 +135,8 @@ def write_manifest(
             for s in shards
         ],
     }
+    if failed is not None:
+        manifest["failed"] = failed
     atomic_write_text(manifest_path(prefix), json.dumps(manifest, indent=1) + "\n", sync_dir=True)
 
 

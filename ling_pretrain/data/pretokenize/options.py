@@ -13,6 +13,10 @@ DTYPE_CHOICES = ("auto", "uint16", "int32")
 DEFAULT_TEXT_SUFFIXES = (".txt",)
 DEFAULT_MAX_SHARD_BYTES = 16 * 2**30
 """Default ``.bin`` size limit of one output shard (16 GiB)."""
+DEFAULT_MAX_BAD_FRACTION = 0.001
+"""Default largest fraction of skipped records (0.1%) before a run fails: a clean corpus
+has none or a handful, while a wrong ``--text-key``, a truncated file or a mixed-up input
+skips far more."""
 
 
 class PretokenizeError(Exception):
@@ -36,6 +40,10 @@ class PretokenizeOptions:
     """Tokenizer worker processes; 1 tokenizes in this process."""
     on_error: str = "skip"
     """``skip``: count bad records and go on; ``fail``: stop at the first one."""
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
+    """With ``on_error="skip"``: fail the run when more than this fraction of the records
+    (documents plus skipped records, over the whole output) was skipped. 0 allows none, 1
+    any number. A failed run publishes no final shard and leaves its manifest unfinished."""
     num_shards: int = 1
     """Split the input between this many independent runs (e.g. a Slurm job array)."""
     shard_index: int = 0
@@ -83,6 +91,11 @@ def validate_options(options: PretokenizeOptions) -> None:
         raise PretokenizeError(
             f"shard_index={options.shard_index} is outside 0..num_shards-1 with "
             f"num_shards={options.num_shards}"
+        )
+    if not 0 <= options.max_bad_fraction <= 1:
+        raise PretokenizeError(
+            f"max_bad_fraction={options.max_bad_fraction}; use a fraction between 0 and 1 "
+            "(0.001 allows one skipped record in a thousand)"
         )
     if options.workers < 1:
         raise PretokenizeError(f"workers={options.workers}; use at least 1")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ling_pretrain.core.io import atomic_write_text
-from ling_pretrain.data.indexed import read_manifest
+from ling_pretrain.data.indexed import manifest_path, read_manifest
 from ling_pretrain.data.pretokenize.encode import (
     SKIP_REASONS,
     TokenizerInfo,
@@ -81,9 +81,20 @@ class PretokenizeSummary:
     def tokens_per_sec(self) -> float:
         return self.tokens_this_run / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def skipped_fraction(self) -> float:
+        """Skipped records over all records (documents plus skipped records)."""
+        records = self.documents + self.skipped_total
+        return self.skipped_total / records if records else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["skipped_total"] = sum(self.skipped.values())
+        out["skipped_total"] = self.skipped_total
+        out["skipped_fraction"] = round(self.skipped_fraction, 6)
         out["tokens_per_sec"] = round(self.tokens_per_sec, 1)
         out["mb_per_sec"] = round(self.bytes_read / 1e6 / self.seconds, 3) if self.seconds else 0.0
         out["seconds"] = round(self.seconds, 3)
@@ -93,30 +104,39 @@ class PretokenizeSummary:
 
 
 class _Progress:
+    """The progress bar on stderr: documents, tokens/s, MB/s and skipped records."""
+
     def __init__(self, enabled: bool) -> None:
         self.bar = None
         self.start = time.perf_counter()
         self.last = 0.0
+        self.state = (0, 0, 0)
         if enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(unit="doc", unit_scale=True, dynamic_ncols=True, desc="pretokenize")
 
-    def update(self, documents: int, tokens: int, nbytes: int) -> None:
+    def update(self, documents: int, tokens: int, nbytes: int, skipped: int) -> None:
         if self.bar is None:
             return
         self.bar.update(documents)
+        self.state = (tokens, nbytes, skipped)
         now = time.perf_counter()
         if now - self.last > 0.5:
             self.last = now
-            elapsed = max(now - self.start, 1e-9)
-            self.bar.set_postfix_str(
-                f"{tokens / elapsed / 1e6:.2f}M tok/s, {nbytes / elapsed / 1e6:.1f} MB/s",
-                refresh=False,
-            )
+            self._postfix(now)
+
+    def _postfix(self, now: float) -> None:
+        tokens, nbytes, skipped = self.state
+        elapsed = max(now - self.start, 1e-9)
+        text = f"{tokens / elapsed / 1e6:.2f}M tok/s, {nbytes / elapsed / 1e6:.1f} MB/s"
+        if skipped:
+            text += f", {skipped} skipped"
+        self.bar.set_postfix_str(text, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
+            self._postfix(time.perf_counter())
             self.bar.close()
 
 
@@ -148,6 +168,8 @@ class _Run:
         self.pending_errors: list[tuple[tuple[int, int], str, str, str]] = []
         self.end: tuple[int, int] = (0, 0)
         self.tokens_this_run = 0
+        self.skipped_seen = sum(n for s in self.shards for n in s.skipped.values())
+        """Skipped records so far, those of the reused shards included (for the progress)."""
 
     def _open(self) -> ShardWriter:
         if self.writer is None:
@@ -177,6 +199,7 @@ class _Run:
                     "pass --on-error skip to count and skip such records"
                 )
             self.pending_errors.append(((unit, record), reason, location, detail))
+        self.skipped_seen += len(errors)
         limit = self.options.max_shard_bytes
         byte_ends = np.cumsum(lengths.astype(np.int64)) * self.itemsize
         first = 0
@@ -230,11 +253,41 @@ class _Run:
         self.examples = []
 
     def finish(self) -> None:
+        """Publish the last shard and mark the manifest complete, unless too many records
+        were skipped: then the last shard is dropped, the manifest stays unfinished with the
+        reason, and :class:`PretokenizeError` explains what to do."""
+        self._take_errors(None)
+        skipped = Counter(self.skipped)
+        examples = []
+        documents = self.writer.documents if self.writer is not None else 0
+        for shard in self.shards:
+            skipped.update(shard.skipped)
+            examples.extend(shard.examples)
+            documents += shard.documents
+        examples.extend(self.examples)
+        bad = skipped.total()
+        records = documents + bad
+        limit = self.options.max_bad_fraction
+        if records and bad / records > limit:
+            self.abort()
+            reason = (
+                f"{bad} of {records} records skipped ({_percent(bad / records)}), more than "
+                f"max_bad_fraction={limit}"
+            )
+            write_manifest(
+                self.prefix,
+                self.fingerprint,
+                self.dtype,
+                self.eod_id,
+                self.shards,
+                complete=False,
+                failed=reason,
+            )
+            raise PretokenizeError(
+                _too_many_bad_records(self.prefix, skipped, examples, records, limit, self.shards)
+            )
         if self.writer is not None:
             self._close(final=True)
-        else:
-            # Nothing was written: the counts of skipped records only reach the summary.
-            self._take_errors(None)
         write_manifest(
             self.prefix, self.fingerprint, self.dtype, self.eod_id, self.shards, complete=True
         )
@@ -268,6 +321,65 @@ def _check_writable(directory: str) -> None:
         ) from None
 
 
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"
+
+
+def _skipped_report(
+    skipped: dict[str, int], examples: list[dict[str, str]], records: int, first: int = 5
+) -> str:
+    """``N of M records (x%) were skipped: counts by reason; first at file:line (why), ...``."""
+    total = sum(skipped.values())
+    counts = ", ".join(
+        f"{n} {SKIP_REASONS.get(r, r)}" for r, n in sorted(skipped.items(), key=lambda i: -i[1])
+    )
+    where = ", ".join(
+        f"{e['where']} ({SKIP_REASONS.get(e['reason'], e['reason'])}"
+        + (f": {e['detail']}" if e.get("detail") else "")
+        + ")"
+        for e in examples[:first]
+    )
+    more = ", ..." if total > min(first, len(examples)) else ""
+    return (
+        f"{total} of {records} records ({_percent(total / records)}) were skipped: {counts}; "
+        f"first at {where}{more}"
+    )
+
+
+def _too_many_bad_records(
+    prefix: str,
+    skipped: dict[str, int],
+    examples: list[dict[str, str]],
+    records: int,
+    limit: float,
+    kept: list[ShardRecord],
+) -> str:
+    shards = f"the {len(kept)} finished shard(s) are kept but " if kept else ""
+    hint = " (Is --text-key right?)" if skipped.get("missing_key") else ""
+    return (
+        f"too many bad records for {prefix}: {_skipped_report(skipped, examples, records)}."
+        f"{hint} That is more than --max-bad-fraction {limit} ({_percent(limit)}), so the "
+        f"output is left unfinished: {shards}the last shard is not written and "
+        f"{manifest_path(prefix)} says complete: false, so training and --list-prefixes "
+        "refuse it. Clean the data; or raise --max-bad-fraction if dropping these records is "
+        "acceptable (rerunning keeps the finished shards); or pass --on-error fail to stop at "
+        "the first bad record."
+    )
+
+
+def skipped_warning(summary: PretokenizeSummary, max_bad_fraction: float) -> str | None:
+    """The warning for a finished run that skipped records (None when it skipped none)."""
+    if not summary.skipped_total:
+        return None
+    records = summary.documents + summary.skipped_total
+    report = _skipped_report(summary.skipped, summary.skipped_examples, records)
+    return (
+        f"{summary.output_prefix}: {report} (allowed: up to {_percent(max_bad_fraction)}, "
+        f"--max-bad-fraction; {summary.output_prefix}{SUMMARY_SUFFIX} lists the first 20 "
+        "under skipped_examples)"
+    )
+
+
 def pretokenize(options: PretokenizeOptions) -> PretokenizeSummary:
     """Tokenize the inputs into megatron-core indexed dataset shards.
 
@@ -284,8 +396,9 @@ def pretokenize(options: PretokenizeOptions) -> PretokenizeSummary:
         The run's summary.
 
     Raises:
-        PretokenizeError: for user errors (paths, tokenizer, options) before any work, and
-            for the first bad record when ``on_error == "fail"``.
+        PretokenizeError: for user errors (paths, tokenizer, options) before any work, for
+            the first bad record when ``on_error == "fail"``, and at the end when more than
+            ``max_bad_fraction`` of the records were skipped.
     """
     started = time.perf_counter()
     validate_options(options)
@@ -306,9 +419,12 @@ def pretokenize(options: PretokenizeOptions) -> PretokenizeSummary:
         reused = finished_shards(directory, manifest)
         if manifest.get("complete") and len(reused) == len(manifest.get("shards", [])):
             logger.info("%s is up to date; nothing to do", prefix)
-            return _summarize(
+            summary = _summarize(
                 options, prefix, reused, info, dtype, seconds=time.perf_counter() - started
             )
+            if warning := skipped_warning(summary, options.max_bad_fraction):
+                logger.warning("%s", warning)
+            return summary
         if reused:
             logger.info("resuming %s after %d finished shards", prefix, len(reused))
     elif manifest is not None:
@@ -353,7 +469,7 @@ def pretokenize(options: PretokenizeOptions) -> PretokenizeSummary:
                 first_batch_seconds = time.perf_counter() - started
             run.consume(batch, result)
             bytes_read += batch.nbytes
-            progress.update(len(result[1]), run.tokens_this_run, bytes_read)
+            progress.update(len(result[1]), run.tokens_this_run, bytes_read, run.skipped_seen)
         run.finish()
     except OSError as exc:
         # Unreadable inputs are PretokenizeErrors by now: this is the file system under the
@@ -381,6 +497,8 @@ def pretokenize(options: PretokenizeOptions) -> PretokenizeSummary:
         unwritten_skips=run.skipped,
         first_batch_seconds=first_batch_seconds,
     )
+    if warning := skipped_warning(summary, options.max_bad_fraction):
+        logger.warning("%s", warning)
     if not run.shards:
         logger.warning(
             "no documents were written for %s (every record was skipped or the input is empty)",
