@@ -1,4 +1,4 @@
-"""data_tools/pretokenize.py as a user runs it: bad records are reported, user mistakes are messages."""
+"""data_tools/pretokenize.py as a user runs it: bad records, user mistakes, files it must not touch."""
 
 from __future__ import annotations
 
@@ -231,3 +231,58 @@ def test_list_prefixes_of_nothing_is_a_message(tmp_path):
     done = pretokenize_cli("--list-prefixes", tmp_path / "nothing")
     assert done.returncode == 2
     assert "no manifest found" in error_paragraph(done.stderr)
+
+
+# --------------------------------------------------------------------------- other files
+
+
+def test_reruns_never_delete_files_they_did_not_write(tmp_path, tokenizer_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    prefix = out / "p"
+    unrelated = {
+        out / name: f"user file {name}"
+        for name in (
+            "p.txt",
+            "p_notes.json",
+            "p-other.bin",
+            "p-other.idx",
+            "p_00000.bin.bak",
+            "p_00000.bin.tmp.keep",
+            "p_1.bin.tmp",
+            "p_00042.bin",
+            "pextra_00000.bin",
+            "p.summary.json.old",
+            "other_00000.bin.tmp123",
+        )
+    }
+    unrelated[tmp_path / "outside.bin"] = "a file beside the output directory"
+    for path, text in unrelated.items():
+        path.write_text(text)
+    path = write_lines(tmp_path / "in.jsonl", records(40, {}))
+    args = ["--input", path, "--tokenizer", tokenizer_dir, "--output-prefix", prefix]
+    args += ["--max-shard-bytes", "300"]
+
+    first = pretokenize_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert len(json.loads(first.stdout)["prefixes"]) > 2
+    # A temporary file of ours from a killed run (another process id) is removed on rerun.
+    stale = out / "p_00001.bin.tmp4194305"
+    stale.write_text("left by a killed run")
+    assert pretokenize_cli(*args).returncode == 0  # up to date
+
+    # Changed input: the earlier shards are deleted, from a manifest that also (edited by
+    # hand or copied from elsewhere) lists files that are not shards of this prefix.
+    edited = manifest(prefix)
+    edited["shards"] += [
+        {**edited["shards"][0], "prefix": name} for name in ("../outside", "p-other", "p_notes")
+    ]
+    Path(f"{prefix}.manifest.json").write_text(json.dumps(edited))
+    write_lines(path, records(10, {}))
+    redo = pretokenize_cli(*args)
+    assert redo.returncode == 0, redo.stderr
+    assert "is not a shard name of" in redo.stderr
+    assert json.loads(redo.stdout)["documents"] == 10
+    for path, text in unrelated.items():
+        assert path.exists() and path.read_text() == text, path
+    assert not stale.exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -23,8 +24,12 @@ from ling_pretrain.data.pretokenize.encode import TokenizerInfo
 from ling_pretrain.data.pretokenize.inputs import InputFile
 from ling_pretrain.data.pretokenize.options import PretokenizeOptions
 
+logger = logging.getLogger(__name__)
+
 SUMMARY_SUFFIX = ".summary.json"
 """The run's summary, ``<prefix>.summary.json``, sits beside its manifest."""
+_SHARD_RE = r"(_\d{5})"
+"""What a shard's name adds to the run's prefix when the run has several shards."""
 
 
 @dataclass
@@ -141,11 +146,27 @@ def write_manifest(
 
 
 def remove_outputs(prefix: str, manifest: dict[str, Any]) -> None:
-    """Delete the shards an earlier manifest lists (index first), then the manifest."""
-    directory = os.path.dirname(prefix)
+    """Delete the shards an earlier manifest of ``prefix`` lists (index first), then the
+    manifest.
+
+    Only names a shard of this prefix can have (``<prefix>`` and ``<prefix>_NNNNN``, with
+    ``.bin``/``.idx``) are deleted, so an edited or copied manifest cannot make a rerun
+    delete anything else.
+    """
+    directory, name = os.path.split(prefix)
+    own = re.compile(re.escape(name) + _SHARD_RE + "?")
     for entry in manifest.get("shards", []):
+        shard = entry.get("prefix") if isinstance(entry, dict) else None
+        if not isinstance(shard, str) or not own.fullmatch(shard):
+            logger.warning(
+                "%s lists %r, which is not a shard name of %s; not deleting it",
+                manifest_path(prefix),
+                shard,
+                prefix,
+            )
+            continue
         for suffix in (".idx", ".bin"):
-            path = os.path.join(directory, entry["prefix"] + suffix)
+            path = os.path.join(directory, shard + suffix)
             if os.path.exists(path):
                 os.unlink(path)
     os.unlink(manifest_path(prefix))
@@ -154,7 +175,7 @@ def remove_outputs(prefix: str, manifest: dict[str, Any]) -> None:
 def remove_temporary_files(prefix: str) -> None:
     """Delete the temporary files an interrupted run left for ``prefix``: those of its
     shards (``<prefix>_NNNNN.bin/.idx``), its manifest and its summary, and nothing else."""
-    names = rf"(_\d{{5}}\.(bin|idx)|{re.escape(MANIFEST_SUFFIX)}|{re.escape(SUMMARY_SUFFIX)})"
+    names = rf"({_SHARD_RE}\.(bin|idx)|{re.escape(MANIFEST_SUFFIX)}|{re.escape(SUMMARY_SUFFIX)})"
     pattern = re.compile(re.escape(prefix) + names + r"\.tmp\d*")
     for path in glob.glob(f"{glob.escape(prefix)}*.tmp*"):
         if pattern.fullmatch(path):
