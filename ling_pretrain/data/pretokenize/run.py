@@ -367,7 +367,7 @@ def _too_many_bad_records(
     )
 
 
-def skipped_warning(summary: PretokenizeSummary, max_bad_fraction: float) -> str | None:
+def _skipped_warning(summary: PretokenizeSummary, max_bad_fraction: float) -> str | None:
     """The warning for a finished run that skipped records (None when it skipped none)."""
     if not summary.skipped_total:
         return None
@@ -422,7 +422,7 @@ def pretokenize(options: PretokenizeOptions) -> PretokenizeSummary:
             summary = _summarize(
                 options, prefix, reused, info, dtype, seconds=time.perf_counter() - started
             )
-            if warning := skipped_warning(summary, options.max_bad_fraction):
+            if warning := _skipped_warning(summary, options.max_bad_fraction):
                 logger.warning("%s", warning)
             return summary
         if reused:
@@ -497,7 +497,7 @@ def pretokenize(options: PretokenizeOptions) -> PretokenizeSummary:
         unwritten_skips=run.skipped,
         first_batch_seconds=first_batch_seconds,
     )
-    if warning := skipped_warning(summary, options.max_bad_fraction):
+    if warning := _skipped_warning(summary, options.max_bad_fraction):
         logger.warning("%s", warning)
     if not run.shards:
         logger.warning(
