@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from ling_pretrain.core.io import atomic_open
 from ling_pretrain.data.builtin import default_cache_dir, iter_documents, train_tokenizer
 
 SCRIPT = Path(__file__).resolve().parent / "pretokenize.py"
@@ -48,11 +49,9 @@ def build_corpus(corpus_dir: Path, copies: int) -> Path:
     path = corpus_dir / f"stdlib_x{copies}.jsonl"
     if not path.is_file():
         documents = [json.dumps(d) + "\n" for d in iter_documents()]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(path) as f:
             for _ in range(copies):
                 f.writelines(documents)
-        os.replace(tmp, path)
     return path
 
 
@@ -102,6 +101,8 @@ def run_ours(corpus: Path, tokenizer_dir: Path, prefix: Path, workers: int) -> d
         stale.unlink()
     cmd = [sys.executable, str(SCRIPT), "--input", str(corpus), "--tokenizer", str(tokenizer_dir)]
     cmd += ["--output-prefix", str(prefix), "--workers", str(workers), "--no-progress"]
+    # The standard library's empty files are skipped records; the bare side leaves them out.
+    cmd += ["--max-bad-fraction", "1"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)

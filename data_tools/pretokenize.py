@@ -6,7 +6,10 @@ Run from the repository root::
         --output-prefix /data/tok/web_text_document --workers 16
 
 The JSON summary is printed to stdout and written to ``<prefix>.summary.json``; progress
-goes to stderr. ``--list-prefixes P`` prints the dataset prefixes written for ``P`` (every
+goes to stderr. Records that cannot be tokenized (bad JSON, no text, ...) are skipped and
+reported on stderr with their ``file:line``; the run fails when more than
+``--max-bad-fraction`` of the records are skipped. Errors the user can fix exit with status
+2 and a one-paragraph message. ``--list-prefixes P`` prints the dataset prefixes written for ``P`` (every
 shard of every part), ready for the training config. See docs/data.md for every option,
 sharding and resuming.
 """
@@ -19,14 +22,15 @@ import logging
 import os
 import sys
 
+from ling_pretrain.data.indexed import ManifestError, collect_prefixes
 from ling_pretrain.data.pretokenize import (
+    DEFAULT_MAX_BAD_FRACTION,
     DEFAULT_MAX_SHARD_BYTES,
     DEFAULT_TEXT_SUFFIXES,
     DTYPE_CHOICES,
     ON_ERROR_CHOICES,
     PretokenizeError,
     PretokenizeOptions,
-    collect_prefixes,
     pretokenize,
 )
 
@@ -56,7 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workers", type=int, default=_default_workers(), help="tokenizer processes"
     )
-    parser.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="skip")
+    parser.add_argument(
+        "--on-error",
+        choices=ON_ERROR_CHOICES,
+        default="skip",
+        help="skip: count bad records (see --max-bad-fraction); fail: stop at the first one",
+    )
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=DEFAULT_MAX_BAD_FRACTION,
+        metavar="F",
+        help="fail when more than this fraction of the records is skipped "
+        f"(default {DEFAULT_MAX_BAD_FRACTION}; 1 never fails)",
+    )
     parser.add_argument("--num-shards", type=int, default=1, help="split the input between K jobs")
     parser.add_argument("--shard-index", type=int, default=0, help="which part this job writes")
     parser.add_argument(
@@ -94,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_prefixes:
         try:
             print(json.dumps(collect_prefixes(args.list_prefixes), indent=1))
-        except PretokenizeError as exc:
+        except ManifestError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0
@@ -111,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         text_key=args.text_key,
         workers=args.workers,
         on_error=args.on_error,
+        max_bad_fraction=args.max_bad_fraction,
         num_shards=args.num_shards,
         shard_index=args.shard_index,
         max_shard_bytes=args.max_shard_bytes,

@@ -9,6 +9,11 @@ held out: the trainer splits documents itself.
 The build is deterministic and idempotent: a stamp file records what was built from what,
 and a later call whose stamp matches returns at once without writing anything, so every
 rank of a job may call :func:`ensure_builtin_corpus` after rank 0 has built it.
+
+This is the one training-side module that imports the pretokenizer
+(:mod:`ling_pretrain.data.pretokenize`), because building the built-in corpus *is* a
+pretokenize run; everything else that reads training data goes through the reader
+:mod:`ling_pretrain.data.indexed` only, and the pretokenizer never imports this module.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from ling_pretrain.data.pretokenize import PretokenizeOptions, index_size, pretokenize
+from ling_pretrain.core.io import atomic_write_text
+from ling_pretrain.data.indexed import index_size
+from ling_pretrain.data.pretokenize import PretokenizeOptions, pretokenize
 
 logger = logging.getLogger(__name__)
 
@@ -128,19 +135,10 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLik
         "clean_up_tokenization_spaces": False,
     }
     special = {"eos_token": EOD_TOKEN, "pad_token": EOD_TOKEN}
-    _write_text(out / "tokenizer.json", tokenizer.to_str())
-    _write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-    _write_text(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+    atomic_write_text(out / "tokenizer.json", tokenizer.to_str())
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
     return str(out)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _training_subset(texts: list[str], budget: int) -> list[str]:
@@ -228,7 +226,10 @@ def ensure_builtin_corpus(
         if not documents:
             raise FileNotFoundError(f"no UTF-8 *.py files found under {root}")
         jsonl = directory / JSONL_NAME
-        _write_text(jsonl, "".join(json.dumps(d) + "\n" for d in documents))
+        # Empty source files (many __init__.py) have nothing to tokenize; left out here,
+        # they are not counted as skipped records. The tokenizer still trains on the
+        # evenly spaced subset of all files, as it always has.
+        atomic_write_text(jsonl, "".join(json.dumps(d) + "\n" for d in documents if d["text"]))
         texts = [d["text"] for d in documents]
         train_tokenizer(_training_subset(texts, TRAIN_BYTES), vocab_size, tokenizer_dir)
         if workers is None:
@@ -253,6 +254,6 @@ def ensure_builtin_corpus(
             "tokens": summary.tokens,
             "bin_bytes": bin_bytes,
         }
-        _write_text(directory / STAMP_NAME, json.dumps(stamp, indent=2) + "\n")
+        atomic_write_text(directory / STAMP_NAME, json.dumps(stamp, indent=2) + "\n")
         logger.info("built-in corpus: %d documents, %d tokens", summary.documents, summary.tokens)
     return prefix, tokenizer_dir

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ling_pretrain.data.indexed import ManifestError, collect_prefixes
+
 logger = logging.getLogger(__name__)
 
 
@@ -92,11 +94,9 @@ def expand_prefix(prefix: str) -> list[str]:
     """
     if os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx"):
         return [prefix]
-    from ling_pretrain.data.pretokenize import PretokenizeError, collect_prefixes
-
     try:
         return collect_prefixes(prefix)
-    except PretokenizeError as err:
+    except ManifestError as err:
         raise ValueError(
             f"data.prefixes entry {prefix!r}: no {prefix}.bin/.idx and no pretokenize manifest "
             f"({err}). Give a dataset prefix (path without .bin/.idx) or the --output-prefix of "

@@ -14,7 +14,11 @@ import pytest
 
 from ling_pretrain.data import pretokenize as pt
 from ling_pretrain.data.builtin import train_tokenizer
+from ling_pretrain.data.indexed import ManifestError, collect_prefixes
 from ling_pretrain.data.pretokenize import PretokenizeError, PretokenizeOptions, pretokenize
+from ling_pretrain.data.pretokenize.encode import encode_in_order
+from ling_pretrain.data.pretokenize.readers import Batch
+from ling_pretrain.data.pretokenize.writer import ShardWriter
 
 REPO = Path(__file__).resolve().parents[2]
 EOD = "<|endoftext|>"
@@ -33,7 +37,8 @@ DOCS = [
 def tokenizer_dir(tmp_path_factory) -> str:
     """A small byte-level BPE with <|endoftext|> as eos and pad."""
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    corpus = DOCS * 3 + [Path(pt.__file__).read_text()]
+    sources = sorted(Path(pt.__file__).parent.glob("*.py"))
+    corpus = DOCS * 3 + [p.read_text() for p in sources]
     return train_tokenizer(corpus, vocab_size=400, out_dir=out)
 
 
@@ -177,7 +182,9 @@ BAD_LINES = {
 def test_bad_record_skip_counts_with_location(tmp_path, tokenizer_dir, reason):
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"\n".join([GOOD, GOOD, BAD_LINES[reason], GOOD]) + b"\n")
-    summary = pretokenize(options([path], tokenizer_dir, tmp_path / "out", on_error="skip"))
+    summary = pretokenize(
+        options([path], tokenizer_dir, tmp_path / "out", on_error="skip", max_bad_fraction=1)
+    )
     assert summary.documents == 3
     assert summary.skipped == {reason: 1}
     assert summary.skipped_examples[0]["where"] == f"{path}:3"
@@ -196,7 +203,7 @@ def test_bad_record_fail_names_file_and_line(tmp_path, tokenizer_dir, reason):
 def test_unpaired_surrogate_is_invalid_utf8(tmp_path, tokenizer_dir):
     path = tmp_path / "in.jsonl"
     path.write_text('{"text": "ok"}\n{"text": "lone \\ud800 surrogate"}\n{"text": "fine"}\n')
-    summary = pretokenize(options([path], tokenizer_dir, tmp_path / "out"))
+    summary = pretokenize(options([path], tokenizer_dir, tmp_path / "out", max_bad_fraction=1))
     assert summary.skipped == {"invalid_utf8": 1}
     assert summary.skipped_examples[0]["where"] == f"{path}:2"
     assert read_docs(tmp_path / "out") == [
@@ -210,7 +217,7 @@ def test_bad_text_file_reports_line(tmp_path, tokenizer_dir):
     (directory / "a.txt").write_text("fine text")
     (directory / "b.txt").write_bytes(b"line 1\nline 2 \xff\n")
     (directory / "c.txt").write_bytes(b"")
-    summary = pretokenize(options([directory], tokenizer_dir, tmp_path / "out"))
+    summary = pretokenize(options([directory], tokenizer_dir, tmp_path / "out", max_bad_fraction=1))
     assert summary.documents == 1
     assert summary.skipped == {"empty": 1, "invalid_utf8": 1}
     where = {e["reason"]: e["where"] for e in summary.skipped_examples}
@@ -260,23 +267,24 @@ def test_crash_leaves_no_valid_index_and_rerun_matches_clean_run(
     clean = pretokenize(options(inputs, tokenizer_dir, tmp_path / "clean" / "p", **kw))
     assert len(clean.prefixes) >= 4
 
-    original = pt._ShardWriter.write
+    original = ShardWriter.write
 
     def crashing_write(self, tokens, lengths):
         if self.tmp_prefix.endswith("_00002"):
             original(self, tokens[: len(tokens) // 2], lengths[:1])
-            self.file.flush()
+            self.bin.file.flush()
             raise KeyboardInterrupt("killed")
         original(self, tokens, lengths)
 
     # A hard kill runs no clean-up: leave the temporary files behind as it would.
-    monkeypatch.setattr(pt._ShardWriter, "write", crashing_write)
-    monkeypatch.setattr(pt._ShardWriter, "abort", lambda self: None)
+    monkeypatch.setattr(ShardWriter, "write", crashing_write)
+    monkeypatch.setattr(ShardWriter, "abort", lambda self: None)
     prefix = tmp_path / "crash" / "p"
     with pytest.raises(KeyboardInterrupt):
         pretokenize(options(inputs, tokenizer_dir, prefix, **kw))
     assert Path(f"{prefix}_00001.idx").exists()
-    assert Path(f"{prefix}_00002.bin.tmp").stat().st_size > 0
+    (partial,) = prefix.parent.glob("p_00002.bin.tmp*")
+    assert partial.stat().st_size > 0
     assert not Path(f"{prefix}_00002.idx").exists()
     assert not Path(f"{prefix}_00002.bin").exists()
     manifest = json.loads(Path(f"{prefix}.manifest.json").read_text())
@@ -290,7 +298,7 @@ def test_crash_leaves_no_valid_index_and_rerun_matches_clean_run(
     for ours, reference in zip(resumed.prefixes, clean.prefixes, strict=True):
         assert Path(ours).name == Path(reference).name
         assert read_bytes(ours) == read_bytes(reference)
-    assert not list(prefix.parent.glob("*.tmp"))
+    assert not list(prefix.parent.glob("*.tmp*"))
 
 
 def test_crash_while_replacing_old_output_never_pairs_new_bin_with_old_idx(
@@ -310,7 +318,7 @@ def test_crash_while_replacing_old_output_never_pairs_new_bin_with_old_idx(
             raise KeyboardInterrupt("killed between renames")
         real_replace(src, dst)
 
-    monkeypatch.setattr(pt.os, "replace", crash_on_idx)
+    monkeypatch.setattr(os, "replace", crash_on_idx)
     with pytest.raises(KeyboardInterrupt):
         pretokenize(options([path], tokenizer_dir, prefix))
     assert not Path(f"{prefix}.idx").exists()
@@ -352,7 +360,7 @@ def test_size_limited_shards_concatenate_to_single_output(tmp_path, tokenizer_di
     for prefix in sharded.prefixes:
         size = os.path.getsize(f"{prefix}.bin")
         assert size <= limit or len(read_docs(prefix)) == 1
-    assert pt.collect_prefixes(str(tmp_path / "many")) == sharded.prefixes
+    assert collect_prefixes(str(tmp_path / "many")) == sharded.prefixes
     assert single.tokens == sharded.tokens
 
 
@@ -362,7 +370,7 @@ def test_task_parts_cover_the_input_in_order(tmp_path, tokenizer_dir):
     big = write_jsonl(tmp_path / "big.jsonl", lines)
     small = write_jsonl(tmp_path / "small.jsonl", DOCS)
     inputs = [big, small]
-    kw = {"input_split_bytes": 2048}
+    kw = {"input_split_bytes": 2048, "max_bad_fraction": 1}
     whole = pretokenize(options(inputs, tokenizer_dir, tmp_path / "whole", **kw))
     parts = []
     for index in range(3):
@@ -375,7 +383,7 @@ def test_task_parts_cover_the_input_in_order(tmp_path, tokenizer_dir):
         f"job.part{i:05d}-of-00003" for i in range(3)
     ]
     assert sum(s.documents for s in parts) == whole.documents
-    prefixes = pt.collect_prefixes(str(tmp_path / "job"))
+    prefixes = collect_prefixes(str(tmp_path / "job"))
     assert prefixes == [p for s in parts for p in s.prefixes]
     assert all_tokens(prefixes) == read_docs(tmp_path / "whole")
     # The empty document is reported at its true line even inside a later piece of the file.
@@ -386,8 +394,8 @@ def test_task_parts_cover_the_input_in_order(tmp_path, tokenizer_dir):
 def test_collect_prefixes_refuses_missing_part(tmp_path, tokenizer_dir):
     inputs = [write_jsonl(tmp_path / "a.jsonl", DOCS)]
     pretokenize(options(inputs, tokenizer_dir, tmp_path / "job", num_shards=2, shard_index=0))
-    with pytest.raises(PretokenizeError, match=r"parts \[1\]"):
-        pt.collect_prefixes(str(tmp_path / "job"))
+    with pytest.raises(ManifestError, match=r"parts \[1\]"):
+        collect_prefixes(str(tmp_path / "job"))
 
 
 # --------------------------------------------------------------------------- input kinds
@@ -449,12 +457,12 @@ def test_parquet_rows_are_located_and_missing_column_counted(tmp_path, tokenizer
 
     parquet = tmp_path / "a.parquet"
     pq.write_table(pa.table({"text": ["a", "b", None, "d", "", "f"]}), parquet, row_group_size=2)
-    summary = pretokenize(options([parquet], tokenizer_dir, tmp_path / "p"))
+    summary = pretokenize(options([parquet], tokenizer_dir, tmp_path / "p", max_bad_fraction=1))
     assert summary.documents == 4
     assert [e["where"] for e in summary.skipped_examples] == [f"{parquet}:3", f"{parquet}:5"]
     other = tmp_path / "b.parquet"
     pq.write_table(pa.table({"body": ["x", "y"]}), other)
-    summary = pretokenize(options([other], tokenizer_dir, tmp_path / "q"))
+    summary = pretokenize(options([other], tokenizer_dir, tmp_path / "q", max_bad_fraction=1))
     assert summary.documents == 0 and summary.skipped == {"missing_key": 2}
     assert summary.prefixes == [] and not (tmp_path / "q.idx").exists()
 
@@ -508,7 +516,7 @@ def test_command_line_prints_summary_and_reports_user_errors(tmp_path, tokenizer
 
 
 def test_dead_worker_raises_instead_of_hanging(tmp_path):
-    batch = pt._Batch("jsonl", b'{"text": "a"}\n', [(0, 0, 1)], 14)
+    batch = Batch("jsonl", b'{"text": "a"}\n', [(0, 0, 1)], 14)
     init_args = (str(tmp_path / "missing" / "tokenizer.json"), 0, "uint16", "text", False)
     with pytest.raises(RuntimeError, match="worker process died"):
-        list(pt._encode_in_order([batch, batch, batch], 2, init_args))
+        list(encode_in_order([batch, batch, batch], 2, init_args))
