@@ -208,7 +208,11 @@ class DataConfig:
     weights: list[float] | None = None
     """Blend weights, one per prefix; null weighs prefixes by their size."""
     split: str = "99,1,0"
-    """Train/validation/test split ratio of every prefix's documents."""
+    """Train/validation/test split ratio of every prefix's documents (megatron's: each
+    dataset's documents are cut in this ratio). On the command line write ``data.split=98/2/0``
+    (Hydra reads an unquoted comma as a list); in YAML ``"98,2,0"`` works too. Every split the
+    run reads (training; validation when ``trainer.eval_interval`` > 0) must get tokens from
+    every dataset, or the run is refused."""
     seq_length: int = 4096
     """Tokens per training sample."""
     tokenizer: str | None = None

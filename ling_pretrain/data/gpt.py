@@ -190,6 +190,12 @@ def build_datasets(cfg: Any, data: ResolvedData, num_samples: tuple[int, int, in
     )
     if mock:
         config.mock = True
+    # Build only the splits the run reads (training; validation when asked for samples): an
+    # unneeded split may hold no tokens, and megatron's sample index then never finishes.
+    # The split bounds of the others are unchanged, so they keep the same documents.
+    for i, samples in enumerate(num_samples):
+        if i > 0 and not samples:
+            config.split_matrix[i] = None
     cls = MockGPTDataset if mock else GPTDataset
     return BlendedMegatronDatasetBuilder(cls, list(num_samples), lambda: True, config).build()
 

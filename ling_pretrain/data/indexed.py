@@ -110,3 +110,29 @@ def collect_prefixes(output_prefix: str) -> list[str]:
         directory = os.path.dirname(os.path.abspath(prefix))
         prefixes.extend(os.path.join(directory, s["prefix"]) for s in part["shards"])
     return prefixes
+
+
+def read_document_tokens(prefix: str) -> list[int]:
+    """Tokens of each document of the megatron indexed dataset ``prefix`` (from its ``.idx``).
+
+    Raises:
+        ValueError: the ``.idx`` is not a megatron indexed-dataset index.
+    """
+    import numpy as np
+
+    path = prefix + ".idx"
+    with open(path, "rb") as f:
+        if f.read(len(INDEX_HEADER)) != INDEX_HEADER:
+            raise ValueError(f"{path} is not a megatron indexed-dataset index")
+        f.read(8 + 1)  # version, dtype code
+        sequences = int.from_bytes(f.read(8), "little")
+        documents = int.from_bytes(f.read(8), "little")
+        lengths = np.frombuffer(f.read(4 * sequences), dtype=np.int32)
+        f.seek(8 * sequences, os.SEEK_CUR)  # sequence pointers
+        bounds = np.frombuffer(f.read(8 * documents), dtype=np.int64)
+    if len(lengths) != sequences or len(bounds) != documents:
+        raise ValueError(f"{path} is truncated")
+    cumulative = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    return [
+        int(cumulative[b] - cumulative[a]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
