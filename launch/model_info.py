@@ -1,10 +1,12 @@
-"""Print a Ling 2.0 configuration's parameter counts as JSON.
+"""Print a model configuration's parameter counts and training FLOPs per token as JSON.
 
-    python launch/model_info.py +model=ling_mini
+    python launch/model_info.py +model=ling_mini data.seq_length=4096
     python launch/model_info.py +model=ling_tiny model.num_layers=8
 
 ``total_params`` and ``active_params`` exclude the MTP layers, as the published figures do;
-``mtp_params`` / ``mtp_active_params`` report them separately.
+``mtp_params`` / ``mtp_active_params`` report them separately. ``flops_per_token`` is the
+training FLOPs (forward + backward) per token at ``data.seq_length`` in Megatron-LM's
+convention (docs/benchmarks.md says what it counts).
 """
 
 import json
@@ -16,8 +18,16 @@ from ling_pretrain.models.registry import get_family
 
 def main(argv: list[str]) -> None:
     cfg = compose_or_exit(argv)
-    counts = get_family(cfg.model).count_parameters(cfg.model).as_dict()
-    print(json.dumps({"model": cfg.model.name, **counts}, indent=2))
+    family = get_family(cfg.model)
+    counts = family.count_parameters(cfg.model).as_dict()
+    seq = cfg.data.seq_length
+    flops = family.flops_per_token(cfg.model, seq)
+    print(
+        json.dumps(
+            {"model": cfg.model.name, **counts, "seq_length": seq, "flops_per_token": flops},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

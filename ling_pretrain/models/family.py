@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ling_pretrain.checkpoint.hf.adapter import HFAdapter
+from ling_pretrain.models.flops import FlopsPerToken, gpt_flops_per_token
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +70,20 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def count_parameters(self, model_cfg: Any) -> ParamCounts:
         """Closed-form parameter counts."""
+
+    def flops(self, model_cfg: Any, seq_length: int) -> FlopsPerToken:
+        """Training FLOPs per token by term, in Megatron-LM's convention
+        (:mod:`ling_pretrain.models.flops`), from the family's ``TransformerConfig`` fields and
+        :meth:`moe_layer_pattern`. A family whose layers are not megatron-core's GPT layers
+        overrides it."""
+        vocab = self.gpt_model_kwargs(model_cfg)["vocab_size"]
+        return gpt_flops_per_token(
+            self.transformer_kwargs(model_cfg), vocab, seq_length, self.moe_layer_pattern(model_cfg)
+        )
+
+    def flops_per_token(self, model_cfg: Any, seq_length: int) -> float:
+        """Training FLOPs (forward + backward) per token at ``seq_length``."""
+        return self.flops(model_cfg, seq_length).total
 
     @abc.abstractmethod
     def check(self, cfg: Any, errors: list[str]) -> None:

@@ -54,7 +54,7 @@ def test_readme_demo_trains_with_falling_loss(tmp_path, monkeypatch):
     assert (out / "checkpoints" / "iter_0000060" / "metadata.json").is_file()
 
 
-def test_model_info_prints_published_counts():
+def test_model_info_prints_published_counts_and_flops():
     import json
     import subprocess
     import sys
@@ -62,7 +62,7 @@ def test_model_info_prints_published_counts():
     from tests.conftest import REPO, subprocess_env
 
     out = subprocess.run(
-        [sys.executable, "launch/model_info.py", "+model=ling_mini"],
+        [sys.executable, "launch/model_info.py", "+model=ling_mini", "data.seq_length=4096"],
         cwd=REPO,
         env=subprocess_env(),
         capture_output=True,
@@ -74,6 +74,9 @@ def test_model_info_prints_published_counts():
     assert round(info["total_params"] / 1e9, 2) == 16.26
     assert round(info["active_params"] / 1e9, 2) == 1.43
     assert info["mtp_params"] > 0
+    # Megatron-LM's convention; 9.88e9 x 13.7k tokens/s/GPU is Ling's ~135 TFLOP/s/GPU.
+    assert info["seq_length"] == 4096
+    assert round(info["flops_per_token"] / 1e9, 2) == 9.88
 
 
 @pytest.mark.parametrize(
