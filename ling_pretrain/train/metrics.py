@@ -53,7 +53,15 @@ def mtp_loss(num_microbatches: int, device: torch.device) -> float | None:
 
 
 def z_loss(num_microbatches: int, device: torch.device) -> float | None:
-    """Mean router z-loss per MoE layer of the last step, then clear megatron's tracker."""
+    """Mean router z-loss per MoE layer of the last step over the global batch, then clear
+    megatron's tracker. Collective over the world.
+
+    Each router records the mean over its own tokens, and megatron-core 0.16 records the
+    z-loss with no group to reduce it over (only pipeline stages are summed), so every
+    data-parallel rank (and, under sequence parallelism, every tensor-parallel rank) holds the
+    mean of its share of the batch only. Every rank routes the same number of tokens, so the
+    mean over the tensor x data x context-parallel group is the mean over the global batch.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_utils import (
         clear_aux_losses_tracker,
@@ -66,6 +74,11 @@ def z_loss(num_microbatches: int, device: torch.device) -> float | None:
     value, has = 0.0, "z_loss" in tracker
     if has:
         values = tracker["z_loss"]["values"]
+        group = ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        if dist.get_world_size(group) > 1:
+            values = values.clone()
+            dist.all_reduce(values, group=group)  # gloo has no AVG
+            values /= dist.get_world_size(group)
         # z-loss is strictly positive for every MoE layer that ran; counting those avoids
         # depending on whether this megatron-core version tracks the MTP layer's router.
         layers = int((values != 0).sum()) or 1
