@@ -48,6 +48,18 @@ def check_trainer(cfg: Any, errors: list[str]) -> None:
         )
 
 
+def check_logging(cfg: Any, errors: list[str]) -> None:
+    """Append every problem of ``cfg.logging``."""
+    lg = cfg.logging
+    if lg.log_interval < 1:
+        errors.append(f"logging.log_interval={lg.log_interval} must be >= 1 (steps per record).")
+    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
+        errors.append(
+            f"logging.peak_tflops={lg.peak_tflops} must be > 0 (one device's dense BF16 peak in "
+            "TFLOP/s), or null to take it from the table of known GPUs."
+        )
+
+
 def check_checkpoint(cfg: Any, errors: list[str]) -> None:
     """Append conflicts between the ways a run starts (resume, init_from, init_from_hf)."""
     ck = cfg.checkpoint

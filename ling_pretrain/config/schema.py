@@ -291,13 +291,22 @@ class LoggingConfig:
     """What a run reports, and where."""
 
     log_interval: int = 1
-    """Write a metrics line (console and ``metrics.jsonl``) every this many steps."""
+    """Write a metrics record (console, ``metrics.jsonl`` and the other sinks) every this many
+    steps; time and throughput figures are means over the steps since the last record."""
+    tensorboard: bool = False
+    """Also write every metrics field as a TensorBoard scalar (training, validation, MTP and
+    z-loss curves, throughput, memory, per-layer expert load) to
+    ``<run.output_dir>/tensorboard``."""
     wandb: bool = False
     """Also log to Weights & Biases."""
     wandb_project: str = "ling_pretrain"
     """W&B project name."""
     level: str = "INFO"
     """Python logging level of the library's messages."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device, the denominator of ``mfu``; null takes the dense BF16 peak
+    of the GPU from the table in ``ling_pretrain/runtime/peaks.py`` (docs/benchmarks.md). CPUs
+    and GPUs missing from the table have none, and ``mfu`` is then null."""
 
 
 @dataclass(kw_only=True)

@@ -12,6 +12,7 @@ schema (unknown keys)  :mod:`ling_pretrain.config.checks` (also the run director
 model family           ``ling_pretrain/models/<family>/`` (``ModelFamily.check``)
 layout                 :mod:`ling_pretrain.core.layout`
 trainer, checkpoint    :mod:`ling_pretrain.config.checks`; an HF directory by the family's adapter
+logging                :mod:`ling_pretrain.config.checks`
 optimizer              :mod:`ling_pretrain.optim.checks`
 data                   :mod:`ling_pretrain.data.checks`
 FP8                    :mod:`ling_pretrain.fp8.checks`
@@ -29,6 +30,7 @@ from omegaconf import OmegaConf
 
 from ling_pretrain.config.checks import (
     check_checkpoint,
+    check_logging,
     check_run,
     check_trainer,
     check_unknown_keys,
@@ -72,6 +74,7 @@ def validate(cfg: Any, world_size: int, hardware: Hardware | None = None) -> Lay
     family.check(cfg, errors)
     check_layout(cfg, world_size, errors)
     check_trainer(cfg, errors)
+    check_logging(cfg, errors)
     check_run(cfg, errors)
     check_optimizer(cfg, errors)
     check_data(cfg, errors)

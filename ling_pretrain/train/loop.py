@@ -1,10 +1,11 @@
-"""The training loop: validate, set up, step, log, evaluate, checkpoint."""
+"""The training loop: validate, set up, step, log, evaluate, checkpoint, report."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch.distributed as dist
@@ -20,8 +21,9 @@ from ling_pretrain.runtime.distributed import (
     init_distributed,
     world_size_from_env,
 )
-from ling_pretrain.train import metrics
+from ling_pretrain.train import metrics, report, throughput
 from ling_pretrain.train.setup import TrainParts, setup
+from ling_pretrain.train.sinks import Sink
 from ling_pretrain.train.step import eval_step, train_step
 
 logger = logging.getLogger(__name__)
@@ -63,20 +65,24 @@ def run_training(parts: TrainParts, writer: metrics.MetricsWriter, save_dir: str
             "already at step %d >= trainer.max_steps=%d: nothing to do", state.step, t.max_steps
         )
         return record
-    window_start, window_steps = time.perf_counter(), 0
+    # Steps are timed from their batch to their reduced metrics: evaluation and checkpoints
+    # fall outside, and the data wait is measured apart (train.throughput).
+    meter = throughput.Meter(cfg, layout, parts.device)
+    timer = throughput.StepTimer(parts.data_clock)
     while state.step < t.max_steps:
+        timer.start()
         result = train_step(parts, layout.num_microbatches)
         state.step += 1
         state.consumed_samples += t.global_batch_size
         state.tokens += tokens_per_step
-        window_steps += 1
         mtp = metrics.mtp_loss(layout.num_microbatches, parts.device)
         zl = metrics.z_loss(layout.num_microbatches, parts.device)
+        timer.stop()
         val = None
         if t.eval_interval > 0 and state.step % t.eval_interval == 0:
             val = _evaluate(parts)
         if state.step % cfg.logging.log_interval == 0 or state.step == t.max_steps:
-            elapsed = time.perf_counter() - window_start
+            stats = parts.step_stats
             record = {
                 "step": state.step,
                 "loss": result.loss,
@@ -85,20 +91,19 @@ def run_training(parts: TrainParts, writer: metrics.MetricsWriter, save_dir: str
                 "lr": parts.optimizer.param_groups[0]["lr"],
                 "grad_norm": result.grad_norm,
                 "skipped": result.skipped,
-                "expert_load_max_violation": parts.step_stats.get("expert_load_max_violation"),
+                "expert_load_max_violation": stats.get("expert_load_max_violation"),
+                "expert_load_max": stats.get("expert_load_max"),
+                "expert_load_min": stats.get("expert_load_min"),
                 "tokens": state.tokens,
-                "tokens_per_sec": window_steps * tokens_per_step / elapsed,
-                "step_time": elapsed / window_steps,
+                **meter.figures(*timer.take()),
             }
             if val is not None:
                 record["val_loss"] = val
             writer.log(record)
-            window_start, window_steps = time.perf_counter(), 0
         if ck.save_interval > 0 and state.step % ck.save_interval == 0 and state.step < t.max_steps:
             save_checkpoint(
                 save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last
             )
-            window_start = time.perf_counter()
     if ck.save_at_end:
         save_checkpoint(
             save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last
@@ -106,9 +111,10 @@ def run_training(parts: TrainParts, writer: metrics.MetricsWriter, save_dir: str
     return record
 
 
-def train(cfg: Any) -> dict:
+def train(cfg: Any, extra_sinks: Sequence[Sink] = ()) -> dict:
     """Validate ``cfg``, then train on this process's share of the job.
 
+    ``extra_sinks`` receive every metrics record on rank 0, besides the configured ones.
     Returns the last logged metrics record (the same on every rank).
     """
     layout = validate(cfg, world_size_from_env())
@@ -140,11 +146,18 @@ def train(cfg: Any) -> dict:
             logger.info("seed checkpoint written to %s", path)
             dist.barrier()
             return {}
-        writer = metrics.MetricsWriter(output_dir, cfg, resume_step=parts.state.step)
+        first_step, started = parts.state.step, time.perf_counter()
+        writer = metrics.MetricsWriter(
+            output_dir, cfg, resume_step=parts.state.step, extra_sinks=extra_sinks
+        )
         try:
             record = run_training(parts, writer, save_dir)
         finally:
             writer.close()
+        if info.rank == 0 and parts.state.step > first_step:
+            report.finish(
+                cfg, output_dir, save_dir, first_step, parts.state, time.perf_counter() - started
+            )
         dist.barrier()
         return record
     finally:

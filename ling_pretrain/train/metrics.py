@@ -1,18 +1,21 @@
-"""Training metrics: one console line and one ``metrics.jsonl`` object per logged step.
+"""Training metrics: the values megatron-core tracks (MTP loss, z-loss), reduced over the
+global batch, and the writer that sends each step's record to the sinks.
 
 Rank 0 writes; the values it writes have already been reduced over all ranks.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ling_pretrain.train.sinks import Sink, build_sinks
 
 logger = logging.getLogger(__name__)
 
@@ -90,61 +93,44 @@ def z_loss(num_microbatches: int, device: torch.device) -> float | None:
 
 
 class MetricsWriter:
-    """Console lines, ``metrics.jsonl`` and (optionally) W&B, from rank 0 only."""
+    """Fans each metrics record out to the sinks (:mod:`ling_pretrain.train.sinks`), on rank 0.
 
-    def __init__(self, output_dir: str, cfg: Any, resume_step: int = 0):
+    Args:
+        output_dir: the run directory (``metrics.jsonl``, ``tensorboard/``).
+        cfg: the job config (``logging`` says which sinks).
+        resume_step: the step the run starts from (``metrics.jsonl`` keeps earlier steps).
+        extra_sinks: more sinks to feed (e.g. a benchmark's in-memory collector).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        cfg: Any,
+        resume_step: int = 0,
+        extra_sinks: Sequence[Sink] = (),
+    ):
         self.enabled = not dist.is_initialized() or dist.get_rank() == 0
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self._wandb = None
-        if not self.enabled:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        if resume_step > 0 and os.path.exists(self.path):
-            self._truncate_after(resume_step)
-        if cfg.logging.wandb:
-            import wandb
-            from omegaconf import OmegaConf
-
-            self._wandb = wandb.init(
-                project=cfg.logging.wandb_project,
-                name=cfg.run.name,
-                dir=output_dir,
-                config=OmegaConf.to_container(cfg, resolve=True),
-                resume="allow",
-            )
-
-    def _truncate_after(self, step: int) -> None:
-        """Drop lines for steps after a resumed checkpoint, so the curve has no duplicates."""
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        self.sinks: list[Sink] = []
+        if self.enabled:
+            self.sinks = [*build_sinks(cfg, output_dir, resume_step), *extra_sinks]
 
     def log(self, record: dict) -> None:
-        """Write one step's metrics (rank 0)."""
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        parts = [f"step {record['step']:>6}"]
-        for key, fmt in (
-            ("loss", "loss {:.4f}"),
-            ("mtp_loss", "mtp {:.4f}"),
-            ("val_loss", "val {:.4f}"),
-            ("lr", "lr {:.3e}"),
-            ("grad_norm", "gnorm {:.3f}"),
-            ("expert_load_max_violation", "maxvio {:.2f}"),
-            ("tokens_per_sec", "tok/s {:,.0f}"),
-            ("step_time", "{:.2f}s/step"),
-        ):
-            if record.get(key) is not None:
-                parts.append(fmt.format(record[key]))
-        logger.info(" | ".join(parts))
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        """Write one step's metrics to every sink (rank 0); a failing sink is dropped."""
+        for sink in list(self.sinks):
+            try:
+                sink.log(record, record["step"])
+            except Exception:
+                logger.warning(
+                    "metrics sink %s failed and is turned off for this run",
+                    type(sink).__name__,
+                    exc_info=True,
+                )
+                self.sinks.remove(sink)
 
     def close(self) -> None:
-        if self._wandb is not None:
-            self._wandb.finish()
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:
+                logger.warning("closing metrics sink %s failed", type(sink).__name__, exc_info=True)

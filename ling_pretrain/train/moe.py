@@ -5,8 +5,9 @@ megatron-core updates the expert bias inside ``finalize_model_grads`` from each 
 the router before any FP8 padding of the routing map) and then zeroes those counts, so
 everything that needs the counts runs just before it:
 
-* the load statistic, DeepSeek-V3's MaxVio ``max_e(c_e) / mean(c) - 1`` per MoE layer
-  (0 is perfect balance), averaged over layers;
+* the load statistics: DeepSeek-V3's MaxVio ``max_e(c_e) / mean(c) - 1`` per MoE layer
+  (0 is perfect balance), averaged over layers, and per layer the most and least loaded
+  expert's count over the mean;
 * Ling's zero-mean variant of the bias update. megatron-core's rule is
   ``bias += rate * sign(mean(c) - c_e)``; Ling's framework subtracts the mean of that step
   over the experts, ``bias += rate * (delta - mean(delta))``, so a layer's biases never drift
@@ -62,22 +63,48 @@ def zero_mean_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> tor
     return bias + rate * (delta - delta.mean(dim=-1, keepdim=True))
 
 
-def max_violation(counts: torch.Tensor | None, device: torch.device) -> float | None:
-    """MaxVio averaged over MoE layers, from :func:`global_expert_counts`. Collective (world)."""
+def expert_load(
+    counts: torch.Tensor | None, layer_numbers: list[int], total_layers: int, device: torch.device
+) -> dict:
+    """Expert-load statistics of a global batch, from :func:`global_expert_counts`.
+
+    Collective (world): the MoE layers of every pipeline stage are gathered. Returns
+    ``expert_load_max_violation`` (MaxVio averaged over MoE layers) and, per MoE layer
+    (megatron's 1-based layer number as a string; MTP layer ``j`` is ``num_layers + j``),
+    ``expert_load_max`` and ``expert_load_min``: the most and least loaded expert's routed
+    tokens over the mean per expert (1.0 is perfect balance). None where there is no MoE layer.
+
+    Args:
+        counts: ``[layers, experts]`` routed-token counts of this rank's routers, or None.
+        layer_numbers: megatron's ``layer_number`` of each of those routers.
+        total_layers: decoder plus MTP layers of the whole model.
+        device: where the collective's tensor lives.
+    """
     from megatron.core import parallel_state as ps
 
-    stats = torch.zeros(2, dtype=torch.float64, device=device)
-    if counts is not None:
+    stats = torch.zeros(2 + 2 * total_layers, dtype=torch.float64, device=device)
+    if counts is not None and (
+        ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    ):
         mean = counts.mean(dim=1).clamp_min(1e-9)
-        violation = counts.max(dim=1).values / mean - 1.0
-        if (
-            ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_data_parallel_rank(with_context_parallel=True) == 0
-        ):
-            stats[0] = violation.sum()
-            stats[1] = counts.shape[0]
+        high = (counts.max(dim=1).values / mean).double()
+        low = (counts.min(dim=1).values / mean).double()
+        stats[0] = (high - 1.0).sum()
+        stats[1] = counts.shape[0]
+        index = torch.tensor([n - 1 for n in layer_numbers], device=device)
+        stats[2 + index] = high
+        stats[2 + total_layers + index] = low
     dist.all_reduce(stats)
-    return float(stats[0] / stats[1]) if stats[1] > 0 else None
+    if stats[1] == 0:
+        return {"expert_load_max_violation": None, "expert_load_max": None, "expert_load_min": None}
+    values = stats[2:].view(2, total_layers).tolist()
+    layers = [i for i in range(total_layers) if values[0][i] > 0]  # the max is >= 1 if present
+    return {
+        "expert_load_max_violation": float(stats[0] / stats[1]),
+        "expert_load_max": {str(i + 1): values[0][i] for i in layers},
+        "expert_load_min": {str(i + 1): values[1][i] for i in layers},
+    }
 
 
 def make_finalize_model_grads(
@@ -86,6 +113,7 @@ def make_finalize_model_grads(
     """megatron's ``finalize_model_grads``, recording the expert load in ``stats`` first and
     applying the expert-bias rule ``bias_update`` (one of :data:`BIAS_UPDATES`)."""
     from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_model_config
 
     if bias_update not in BIAS_UPDATES:
         raise ValueError(f"bias_update={bias_update!r} must be one of {BIAS_UPDATES}")
@@ -93,7 +121,9 @@ def make_finalize_model_grads(
     def finalize(model: list, *args: Any, **kwargs: Any):
         routers = _routers(model)
         counts = global_expert_counts(routers)
-        stats["expert_load_max_violation"] = max_violation(counts, device)
+        config = get_model_config(model[0])
+        total = config.num_layers + (config.mtp_num_layers or 0)
+        stats.update(expert_load(counts, [r.layer_number for r in routers], total, device))
         if bias_update == "megatron" or counts is None:
             return finalize_model_grads(model, *args, **kwargs)
         before = [r.expert_bias.detach().clone() for r in routers]

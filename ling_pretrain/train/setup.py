@@ -18,6 +18,7 @@ from ling_pretrain.models.registry import get_family
 from ling_pretrain.optim.mcore import build_optimizer, build_scheduler
 from ling_pretrain.train.ddp import wrap_ddp
 from ling_pretrain.train.moe import make_finalize_model_grads
+from ling_pretrain.train.throughput import WaitClock
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class TrainParts:
     valid_dataset: Any | None
     step_stats: dict = field(default_factory=dict)
     """Per-step statistics filled during the step (expert load)."""
+    data_clock: WaitClock = field(default_factory=WaitClock)
+    """Time spent waiting for training batches (the iterators in ``train_iters``)."""
 
 
 def _restore(cfg: Any, model: list, optimizer: Any, scheduler: Any, save_dir: str) -> TrainState:
@@ -101,8 +104,10 @@ def setup(cfg: Any, layout: Layout, device: torch.device, save_dir: str) -> Trai
     if train_ds is None:
         raise ValueError(f"data.split={cfg.data.split!r} leaves no training documents")
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    data_clock = WaitClock()
     train_iters = [
-        make_loader(train_ds, state.consumed_samples, cfg, dp_rank, dp_size) for _ in model
+        data_clock.wrap(make_loader(train_ds, state.consumed_samples, cfg, dp_rank, dp_size))
+        for _ in model
     ]
     return TrainParts(
         cfg=cfg,
@@ -115,4 +120,5 @@ def setup(cfg: Any, layout: Layout, device: torch.device, save_dir: str) -> Trai
         train_iters=train_iters,
         valid_dataset=valid_ds,
         step_stats=step_stats,
+        data_clock=data_clock,
     )

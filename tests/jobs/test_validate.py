@@ -116,6 +116,8 @@ def _tiny(*overrides: str):
             r"init_from .* and checkpoint.load_dir .* exclude each other",
         ),
         (["run.device=cuda"], 1, r"run.device=cuda but no CUDA device is visible"),
+        (["logging.log_interval=0"], 1, r"logging.log_interval=0 must be >= 1"),
+        (["logging.peak_tflops=0"], 1, r"logging.peak_tflops=0.0 must be > 0 .* or null"),
     ],
 )
 def test_each_error_names_the_fields(overrides, world, pattern):
