@@ -86,6 +86,9 @@ def test_layout_matches_single_process(layout_runs, reference, name):
     # megatron-core keeps each rank's own z-loss (no data-parallel reduction); logging rank 0's
     # share gave 4.393 under DP2 against 4.414 here, with identical losses and gradients.
     assert records[0]["z_loss"] == pytest.approx(reference[0]["z_loss"], rel=1e-5)
+    # The same tokens reach the same experts: per-layer load gathered from every stage.
+    for key in ("expert_load_max", "expert_load_min"):
+        assert records[0][key] == pytest.approx(reference[0][key], rel=1e-6), key
     losses = [r["loss"] for r in records]
     assert losses[-1] < losses[0] - 0.02, losses
 
