@@ -118,8 +118,14 @@ def make_finalize_model_grads(
     if bias_update not in BIAS_UPDATES:
         raise ValueError(f"bias_update={bias_update!r} must be one of {BIAS_UPDATES}")
 
+    found: dict[tuple, list] = {}  # the routers of the model chunks, found once (a module walk)
+
     def finalize(model: list, *args: Any, **kwargs: Any):
-        routers = _routers(model)
+        key = tuple(id(chunk) for chunk in model)  # the schedule passes a new list each step
+        if key not in found:
+            found.clear()
+            found[key] = _routers(model)
+        routers = found[key]
         counts = global_expert_counts(routers)
         config = get_model_config(model[0])
         total = config.num_layers + (config.mtp_num_layers or 0)
