@@ -105,6 +105,20 @@ def render() -> str:
             cell = _presets_cell(set_by.get(f.name, {})).replace("|", "\\|")
             lines.append(f"| `{group.name}.{f.name}` | {_default(f)} | {cell} | {meaning} |")
         lines.append("")
+    lines += [
+        "## Benchmark suites (`conf/benchmark/`)",
+        "",
+        "Read by `launch/benchmark.py suite NAME` (docs/benchmarks.md), not by training jobs.",
+        "",
+    ]
+    for cls in (schema.BenchmarkSuite, schema.BenchmarkPoint):
+        docs = field_docs(cls)
+        lines += [f"### `{cls.__name__}`", "", " ".join((cls.__doc__ or "").split()), ""]
+        lines += ["| field | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            meaning = docs.get(f.name, "").replace("|", "\\|")
+            lines.append(f"| `{f.name}` | {_default(f)} | {meaning} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -340,6 +340,48 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+@dataclass(kw_only=True)
+class BenchmarkPoint:
+    """One measurement of a benchmark suite: a training job of a few steps."""
+
+    name: str = MISSING
+    """Identifier of the point: its result is ``<out-dir>/<name>.json``."""
+    row: str = ""
+    """Label of the table row (e.g. the model as the published table names it)."""
+    nodes: int = 1
+    """Nodes the job runs on (more than one only with ``--slurm``)."""
+    processes_per_node: int | None = None
+    """Training processes (GPUs) per node; null takes the suite's ``processes_per_node``."""
+    overrides: list[str] = field(default_factory=list)
+    """Hydra overrides of the job after the suite's ``common`` ones (``+model=...`` here)."""
+    published_tokens_per_sec: float | None = None
+    """The published job-wide tokens/s this point reproduces (null: none); the table shows it
+    and the ratio of the measured figure to it."""
+
+
+@dataclass(kw_only=True)
+class BenchmarkSuite:
+    """A benchmark suite, ``conf/benchmark/<name>.yaml`` (``launch/benchmark.py suite``)."""
+
+    description: str = ""
+    """What the suite measures and where its published figures come from."""
+    warmup_steps: int = 3
+    """Steps run before the timed ones (compilation, allocator and routing warm-up)."""
+    steps: int = 10
+    """Timed steps per point; medians and spreads are over these."""
+    processes_per_node: int = 1
+    """Training processes (GPUs) per node of every point that does not set its own."""
+    device_memory_gib: float | None = None
+    """Memory of one target GPU; with ``--slurm`` points are validated (layout, memory fit)
+    on the submitting machine against it. Null: validate against this machine."""
+    compute_capability: list[int] = field(default_factory=lambda: [9, 0])
+    """CUDA compute capability of the target GPU for that validation (FP8 needs 9.0+)."""
+    common: list[str] = field(default_factory=list)
+    """Hydra overrides every point starts from."""
+    points: list[BenchmarkPoint] = field(default_factory=list)
+    """The points, run in this order."""
+
+
 GROUPS: dict[str, type] = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
