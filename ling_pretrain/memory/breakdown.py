@@ -564,12 +564,19 @@ def fp8_feature_ladder(cfg: Any, world_size: int, recipe: str | None = None) -> 
         One :class:`LadderStep` per step, the baseline first.
     """
     if recipe is None:
-        recipe = "blockwise" if cfg.fp8.recipe == "bf16" else cfg.fp8.recipe
-    if recipe == "blockwise_fp8_params":
-        recipe = "blockwise"
-    if recipe == "bf16":
+        recipe = "blockwise" if not get_recipe(cfg.fp8.recipe).is_fp8 else cfg.fp8.recipe
+    entry = get_recipe(recipe)
+    if not entry.is_fp8:
         raise ValueError("the FP8 feature ladder needs an FP8 recipe, not bf16.")
-    odt = recipe != "mxfp8"
+    if entry.fp8_primary_weights:
+        # The ladder switches FP8 primary weights on itself: start from the plain recipe.
+        recipe = next(
+            r.name
+            for r in RECIPES.values()
+            if r.megatron_recipe == entry.megatron_recipe and not r.fp8_primary_weights
+        )
+    # MXFP8 quantises its column-wise copy separately, so it is no transpose to drop.
+    odt = entry.scaling != "mxfp8"
     dtype = cfg.trainer.params_dtype
     steps: list[tuple[str, dict[str, Any]]] = [
         (f"{dtype} weights, no FP8", dict(recipe="bf16", optimizer="adam")),
