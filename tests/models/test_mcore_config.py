@@ -35,6 +35,8 @@ MODEL_RENAMES = {
     "max_position_embeddings": None,
     "rotary_percent": None,
     "rotary_base": None,
+    "rope_scaling": None,
+    "rope_scaling_factor": None,
     "name": None,
     "family": None,  # chooses the code that builds the model
     "moe_router_bias_update": None,  # applied around finalize_model_grads (train/moe.py)
