@@ -4,16 +4,25 @@ transformers' own ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` is configured from
 preset's fields with transformers' own constructor arguments (not through our adapter, so a
 mapping mistake cannot cancel out), given random weights and random norm weights, run in fp32
 with eager attention, and saved with ``save_pretrained`` (safetensors, transformers 5's
-config.json spelling: ``rope_parameters``, ``dtype``).
+config.json spelling: ``rope_parameters``, ``dtype``). :func:`evaluate` runs
+``launch/evaluate.py`` on a checkpoint as a user would.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from tests.conftest import REPO, script_cmd, subprocess_env
+
+EVALUATE = REPO / "launch" / "evaluate.py"
+TOLERANCE = 1e-4
+"""Largest accepted |our logits - transformers' logits| in fp32."""
 
 BATCH, SEQ = 4, 128
 """Reference tokens: 4 sequences of 128 (long enough that the llama3-scaled low RoPE
@@ -100,3 +109,21 @@ def write_reference(preset: str, out: Path, seed: int = 0) -> HFReference:
     tokens = rng.integers(0, config.vocab_size, size=(BATCH, SEQ), dtype=np.int32)
     np.save(out / "tokens.npy", tokens)
     return HFReference(out / "hf", out / "tokens.npy", hf_logits(model, tokens))
+
+
+def evaluate(checkpoint: Path, tokens: Path, out: Path, nproc: int, extra: list[str]) -> tuple:
+    """Run launch/evaluate.py as a user would; (its printed result, its saved logits)."""
+    logits_file, json_file = out / "logits.npz", out / "eval.json"
+    args = ["--checkpoint", str(checkpoint), "--tokens", str(tokens), "--batch-size", "2"]
+    args += ["--save-logits", str(logits_file), "--output", str(json_file), *extra]
+    proc = subprocess.run(
+        script_cmd(EVALUATE, args, nproc),
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result, np.load(logits_file)["logits"]
