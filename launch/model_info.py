@@ -1,6 +1,7 @@
-"""Print a Ling 2.0 configuration's parameter counts as JSON.
+"""Print a model configuration's parameter counts as JSON.
 
     python launch/model_info.py +model=ling_mini
+    python launch/model_info.py +model=llama31_8b
     python launch/model_info.py +model=ling_tiny model.num_layers=8
 
 ``total_params`` and ``active_params`` exclude the MTP layers, as the published figures do;

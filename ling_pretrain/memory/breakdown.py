@@ -297,7 +297,8 @@ def _layer(m: Any, layout: Layout, dense: bool, gemm: bool) -> Iterator[_Tensor]
     qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels
     yield _Tensor(m.hidden_size, 1)  # input norm (fused into linear_qkv by TE)
     yield _Tensor(_div(qkv_rows, tp), m.hidden_size, gemm=gemm)  # linear_qkv
-    yield _Tensor(m.kv_channels, 1, count=2)  # q and k layernorm
+    if m.qk_layernorm:
+        yield _Tensor(m.kv_channels, 1, count=2)  # q and k layernorm
     yield _Tensor(m.hidden_size, _div(heads, tp), gemm=gemm)  # linear_proj
     yield _Tensor(m.hidden_size, 1)  # pre-MLP norm
     if dense:
