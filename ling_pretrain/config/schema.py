@@ -300,6 +300,11 @@ class RunConfig:
     check_memory: bool = True
     """Refuse before any work a layout whose weights, gradients and optimizer states cannot fit
     in the memory of one device."""
+    distributed_timeout_minutes: float = 30.0
+    """Timeout of every collective and of process-group start-up, in minutes (megatron-core's
+    name). A rank that waits this long for a stalled or dead peer fails, so the job ends
+    with a non-zero code instead of idling until its time limit; keep it above the longest
+    legitimate wait (rank 0 building dataset indices, a checkpoint save)."""
 
 
 @dataclass(kw_only=True)
