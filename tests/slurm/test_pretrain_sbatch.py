@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import time
+from datetime import datetime
 
 import pytest
 
@@ -104,9 +105,9 @@ def test_warning_signal_saves_requeues_and_resumes_bit_equal(slurm_cluster, tmp_
 
 def test_short_time_limit_warns_saves_and_requeues_before_the_limit(slurm_cluster, tmp_path):
     """(b) A two-minute job with the warning 45 s before its end: it saves and requeues
-    before Slurm's limit, and the next attempt resumes from that checkpoint.
+    before Slurm's limit (resuming is test (a)'s).
 
-    Slurm checks for due warnings every 30 s or so, so the signal comes up to that much
+    Slurm checks for due warnings only every so often, so the signal can come up to a minute
     earlier than asked for; 45 s still leaves it after training has started."""
     run_dir = tmp_path / "job"
     overrides = [
@@ -118,12 +119,10 @@ def test_short_time_limit_warns_saves_and_requeues_before_the_limit(slurm_cluste
     ]
     sbatch_args = [*CPU_NODES, "--time=00:02:00", "--signal=B:USR1@45"]
     job = slurm_cluster.submit(PRETRAIN_SBATCH, overrides, sbatch_args, cwd=tmp_path)
-    started = time.time()
-    slurm_cluster.wait_for(job, lambda j: j.get("JobState") == "RUNNING", 60, "running")
-    info = slurm_cluster.wait_requeued(job, restarts=1, timeout=150)
-    requeued = time.time()
-    assert requeued - started < 120, "requeued only after the time limit"
-    assert info["JobState"] == "PENDING"
+    running = slurm_cluster.wait_for(job, lambda j: j.get("JobState") == "RUNNING", 60, "running")
+    limit = datetime.fromisoformat(running["EndTime"]).timestamp()
+    slurm_cluster.wait_requeued(job, restarts=1, timeout=150)
+    assert time.time() < limit, "requeued only after the time limit"
     stopped = _status(run_dir)
     assert stopped["reason"] == "SIGUSR1" and stopped["exit_code"] == 75
     _assert_complete(run_dir, stopped["step"])
@@ -131,15 +130,6 @@ def test_short_time_limit_warns_saves_and_requeues_before_the_limit(slurm_cluste
     assert "got SIGUSR1" in log and "DUE TO TIME LIMIT" not in log
     assert "(the end of Slurm job" in log, "the trainer read the job's end time"
 
-    slurm_cluster.release(job)
-    slurm_cluster.wait_for(
-        job,
-        lambda j: (
-            f"resuming from {run_dir}/checkpoints/iter_{stopped['step']:07d}" in _log(run_dir, job)
-        ),
-        120,
-        "resumed",
-    )
     slurm_cluster.cancel(job)
     slurm_cluster.wait_finished(job)
 
