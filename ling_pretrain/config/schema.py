@@ -264,6 +264,15 @@ class TrainerConfig:
     """Run validation every this many steps; 0 disables it."""
     eval_iters: int = 4
     """Validation micro-batches per evaluation, per data-parallel rank."""
+    max_minutes: float | None = None
+    """Wall-clock budget of one launch, in minutes from the start of training; null for none.
+    Before it is spent the run saves a checkpoint and exits with code 75 ("stopped, run me
+    again"). Under Slurm the job's end time is a second deadline, used whether or not this is
+    set (docs/slurm.md)."""
+    stop_margin_seconds: float = 60.0
+    """Seconds kept free before a deadline (``max_minutes`` or the Slurm job's end time), on
+    top of the time one more step and one checkpoint save take (the slowest of each measured
+    in this run, remembered across requeues)."""
 
 
 @dataclass(kw_only=True)
@@ -326,6 +335,11 @@ class RunConfig:
     check_memory: bool = True
     """Refuse before any work a layout whose weights, gradients and optimizer states cannot fit
     in the memory of one device."""
+    distributed_timeout_minutes: float = 30.0
+    """Timeout of every collective and of process-group start-up, in minutes (megatron-core's
+    name). A rank that waits this long for a stalled or dead peer fails, so the job ends
+    with a non-zero code instead of idling until its time limit; keep it above the longest
+    legitimate wait (rank 0 building dataset indices, a checkpoint save)."""
 
 
 @dataclass(kw_only=True)

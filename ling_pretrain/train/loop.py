@@ -20,7 +20,7 @@ from ling_pretrain.runtime.distributed import (
     init_distributed,
     world_size_from_env,
 )
-from ling_pretrain.train import metrics
+from ling_pretrain.train import metrics, preempt
 from ling_pretrain.train.setup import TrainParts, setup
 from ling_pretrain.train.step import eval_step, train_step
 
@@ -52,19 +52,47 @@ def _evaluate(parts: TrainParts) -> float | None:
     return loss
 
 
-def run_training(parts: TrainParts, writer: metrics.MetricsWriter, save_dir: str) -> dict:
-    """Train from ``parts.state.step`` to ``trainer.max_steps``; returns the last record."""
+def run_training(
+    parts: TrainParts,
+    writer: metrics.MetricsWriter,
+    save_dir: str,
+    stop: preempt.StopRequests,
+) -> dict:
+    """Train from ``parts.state.step`` to ``trainer.max_steps``; returns the last record.
+
+    Raises:
+        preempt.Stopped: after a stop on a signal or a deadline, once the checkpoint of the
+            current step is complete on every rank.
+    """
     cfg, state, layout = parts.cfg, parts.state, parts.layout
     t, ck = cfg.trainer, cfg.checkpoint
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     record: dict = {}
+
+    def save() -> str:
+        start = time.perf_counter()
+        path = save_checkpoint(
+            save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last
+        )
+        stop.save_done(time.perf_counter() - start)
+        return str(path)
+
     if state.step >= t.max_steps:
         logger.info(
             "already at step %d >= trainer.max_steps=%d: nothing to do", state.step, t.max_steps
         )
+        stop.finish(state.step, t.max_steps)
         return record
+    # A resumed run's checkpoint of its first step already exists.
+    saved_step = state.step if state.step > 0 else None
     window_start, window_steps = time.perf_counter(), 0
     while state.step < t.max_steps:
+        if stop.requested(parts.device):
+            stop.announce(state.step, saved_step != state.step)
+            path = save() if saved_step != state.step else None
+            stop.finish(state.step, t.max_steps, path)
+            raise preempt.Stopped(state.step, stop.decision.reason)
+        step_start = time.perf_counter()
         result = train_step(parts, layout.num_microbatches)
         state.step += 1
         state.consumed_samples += t.global_batch_size
@@ -94,15 +122,13 @@ def run_training(parts: TrainParts, writer: metrics.MetricsWriter, save_dir: str
                 record["val_loss"] = val
             writer.log(record)
             window_start, window_steps = time.perf_counter(), 0
+        stop.step_done(time.perf_counter() - step_start)
         if ck.save_interval > 0 and state.step % ck.save_interval == 0 and state.step < t.max_steps:
-            save_checkpoint(
-                save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last
-            )
+            save()
+            saved_step = state.step
             window_start = time.perf_counter()
-    if ck.save_at_end:
-        save_checkpoint(
-            save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last
-        )
+    path = save() if ck.save_at_end else None
+    stop.finish(state.step, t.max_steps, path)
     return record
 
 
@@ -114,6 +140,10 @@ def train(cfg: Any) -> dict:
     layout = validate(cfg, world_size_from_env())
     output_dir = cfg.run.output_dir
     save_dir = cfg.checkpoint.save_dir or os.path.join(output_dir, "checkpoints")
+    # Before anything slow and before data-loader workers start: a SIGTERM that Slurm sends to
+    # every process of a step must kill neither this process nor its data-loader workers.
+    installed = preempt.install_signal_handlers()
+    preempt.keep_data_workers_alive()
     info = init_distributed(cfg)
     try:
         if info.rank == 0:
@@ -141,8 +171,9 @@ def train(cfg: Any) -> dict:
             dist.barrier()
             return {}
         writer = metrics.MetricsWriter(output_dir, cfg, resume_step=parts.state.step)
+        stop = preempt.StopRequests(cfg, output_dir, info.rank)
         try:
-            record = run_training(parts, writer, save_dir)
+            record = run_training(parts, writer, save_dir, stop)
         finally:
             writer.close()
         dist.barrier()
@@ -151,3 +182,5 @@ def train(cfg: Any) -> dict:
         # No collective here: after an error on one rank the others may be inside one, and a
         # barrier would turn the error into a hang. torchrun stops the remaining ranks.
         destroy_distributed()
+        if installed:
+            preempt.restore_signal_handlers()
