@@ -16,7 +16,7 @@ def test_preflight_reports_bad_input_with_code_2(tmp_path, capsys):
     assert preflight.main([*one, *base, "run.output_dir=/proc/x"]) == 2
     assert "run.output_dir=/proc/x is not writable" in capsys.readouterr().err
     assert preflight.main([*one, "--", "+model=nope"]) == 2
-    assert "cannot compose the config" in capsys.readouterr().err
+    assert "conf/model/ has no preset 'nope'" in capsys.readouterr().err
 
 
 def test_preflight_resolves_the_trainers_directories_and_records(tmp_path, capsys, monkeypatch):
