@@ -1,6 +1,7 @@
 """Print a model configuration's parameter counts and training FLOPs per token as JSON.
 
     python launch/model_info.py +model=ling_mini data.seq_length=4096
+    python launch/model_info.py +model=llama31_8b data.seq_length=4096
     python launch/model_info.py +model=ling_tiny model.num_layers=8
 
 ``total_params`` and ``active_params`` exclude the MTP layers, as the published figures do;

@@ -6,7 +6,9 @@
     torchrun --nproc-per-node 8 launch/pretrain.py +model=ling_mini \\
         parallel.expert_model_parallel_size=8 data=indexed data.prefixes=[/data/corpus] ...
 
-Any field of the config can be overridden (see docs/configuration.md).
+Any field of the config can be overridden (see docs/configuration.md). Exit codes: 0 when
+trainer.max_steps is reached, 75 after a stop on SIGTERM/SIGUSR1/SIGUSR2 or a deadline with a
+complete checkpoint (run again to resume), 1 on errors (docs/slurm.md).
 """
 
 import sys
@@ -17,6 +19,7 @@ from omegaconf import DictConfig
 from ling_pretrain.config.store import register_schemas
 from ling_pretrain.core.errors import ConfigError
 from ling_pretrain.core.log import setup_logging
+from ling_pretrain.train import preempt
 from ling_pretrain.train.cli import exit_with_config_error, run_command_line
 
 register_schemas()
@@ -33,7 +36,11 @@ def main(cfg: DictConfig) -> None:
         train(cfg)
     except ConfigError as err:
         exit_with_config_error(err)
+    except preempt.Stopped as stop:
+        raise SystemExit(stop.exit_code) from None
 
 
 if __name__ == "__main__":
+    # Before the slow imports: a stop signal during start-up is kept instead of fatal.
+    preempt.install_signal_handlers()
     run_command_line(sys.argv[1:], __file__, main)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,43 @@ def seed_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("seed")
     run_pretrain(out, [*TINY, "checkpoint.seed_checkpoint=true"])
     return out / "checkpoints"
+
+
+def start_pretrain(
+    output_dir: Path, overrides: list[str], nproc: int = 1, launcher_args: list[str] = ()
+) -> subprocess.Popen:
+    """Start launch/pretrain.py in the background, in its own session, for tests that signal
+    it; stdout and stderr go to ``<output_dir>.log`` (see :func:`pretrain_log`)."""
+    cmd = script_cmd(PRETRAIN, [f"run.output_dir={output_dir}", *overrides], nproc)
+    if nproc > 1:
+        cmd[4:4] = list(launcher_args)  # after "-m torch.distributed.run --standalone"
+    with open(f"{output_dir}.log", "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=subprocess_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+
+def pretrain_log(output_dir: Path) -> str:
+    """What a process started by :func:`start_pretrain` printed."""
+    return Path(f"{output_dir}.log").read_text()
+
+
+def wait_for_metrics(
+    output_dir: Path, lines: int, timeout: float = 180, proc: subprocess.Popen | None = None
+) -> None:
+    """Wait until ``metrics.jsonl`` in ``output_dir`` has ``lines`` lines."""
+    deadline = time.monotonic() + timeout
+    path = Path(output_dir) / "metrics.jsonl"
+    while not (path.is_file() and len(path.read_text().splitlines()) >= lines):
+        if proc is not None and proc.poll() is not None:
+            tail = pretrain_log(output_dir)[-4000:]
+            raise AssertionError(f"the run ended early ({proc.returncode}):\n{tail}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {lines} metrics lines in {path} after {timeout} s")
+        time.sleep(0.2)

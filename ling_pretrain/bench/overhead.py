@@ -116,7 +116,7 @@ def measure_overhead(
         is_rank0,
         world_size_from_env,
     )
-    from ling_pretrain.train import metrics
+    from ling_pretrain.train import metrics, preempt
     from ling_pretrain.train.loop import run_training
     from ling_pretrain.train.setup import setup
 
@@ -141,11 +141,12 @@ def measure_overhead(
     try:
         parts = setup(cfg, layout, info.device, f"{tmp.name}/checkpoints")
         writer = metrics.MetricsWriter(tmp.name, cfg)
+        stop = preempt.StopRequests(cfg, tmp.name, info.rank)
 
         def ours() -> tuple[float, float]:
             start, cpu = time.perf_counter(), time.process_time()
             cfg.trainer.max_steps = parts.state.step + steps_per_block
-            run_training(parts, writer, tmp.name)
+            run_training(parts, writer, tmp.name, stop)
             return (
                 (time.perf_counter() - start) / steps_per_block,
                 (time.process_time() - cpu) / steps_per_block,

@@ -46,6 +46,10 @@ def check_trainer(cfg: Any, errors: list[str]) -> None:
             f"trainer.recompute_granularity={t.recompute_granularity!r} must be null, 'full' or "
             "'selective'."
         )
+    if t.max_minutes is not None and not t.max_minutes > 0:
+        errors.append(f"trainer.max_minutes={t.max_minutes} must be > 0, or null for no budget.")
+    if not t.stop_margin_seconds >= 0:
+        errors.append(f"trainer.stop_margin_seconds={t.stop_margin_seconds} must be >= 0.")
 
 
 def check_logging(cfg: Any, errors: list[str]) -> None:
@@ -133,7 +137,11 @@ def check_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
 
 def check_run(cfg: Any, errors: list[str]) -> None:
     """Append the problems of ``cfg.run``: an output directory the job cannot create or
-    write."""
+    write, a process-group timeout that is not positive."""
+    if not cfg.run.distributed_timeout_minutes > 0:
+        errors.append(
+            f"run.distributed_timeout_minutes={cfg.run.distributed_timeout_minutes} must be > 0."
+        )
     out = Path(cfg.run.output_dir)
     if out.exists() and not out.is_dir():
         errors.append(

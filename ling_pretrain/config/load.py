@@ -33,8 +33,11 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
 
 
 def has_model_override(overrides: Sequence[str]) -> bool:
-    """Whether the overrides choose a model preset (``+model=...`` or ``model=...``)."""
-    return any(o.startswith(("+model=", "model=")) for o in overrides)
+    """Whether the overrides choose a model preset (``+model=...`` or ``model=...``), or an
+    experiment (``+experiment=...``), which always names its model."""
+    return any(
+        o.startswith(("+model=", "model=", "+experiment=", "experiment=")) for o in overrides
+    )
 
 
 NO_MODEL = (

@@ -28,7 +28,8 @@ class ModelConfig:
     """Preset name, used in run names and logs (e.g. ``ling_mini``)."""
     family: str = "ling"
     """Model family: the package ``ling_pretrain/models/<family>/`` that builds, converts,
-    counts and checks it (``ling``: Ling 2.0 / BailingMoeV2)."""
+    counts and checks it (``ling``: Ling 2.0 / BailingMoeV2; ``llama``: Llama 3.x; ``qwen3``:
+    dense Qwen3)."""
     num_layers: int = MISSING
     """Decoder layers, not counting MTP layers (HF ``num_hidden_layers``)."""
     hidden_size: int = MISSING
@@ -52,8 +53,20 @@ class ModelConfig:
     """Fraction of each head's channels that RoPE rotates (HF ``partial_rotary_factor``)."""
     rotary_base: int = 600000
     """RoPE theta (HF ``rope_theta``): 10000 for the 4K base checkpoints, 600000 for 32K ones."""
+    rope_scaling: bool = False
+    """Llama-3.1's RoPE frequency scaling (HF ``rope_scaling.rope_type: llama3``), as
+    megatron-core's ``GPTModel`` applies it: frequencies whose wavelength exceeds 8192 tokens
+    are divided by ``rope_scaling_factor``, those below 2048 tokens kept, and the band between
+    interpolated (megatron-core fixes ``low_freq_factor`` 1, ``high_freq_factor`` 4 and
+    ``original_max_position_embeddings`` 8192)."""
+    rope_scaling_factor: float = 8.0
+    """The divisor of the low RoPE frequencies under ``rope_scaling`` (HF
+    ``rope_scaling.factor``; 8 for Llama-3.1)."""
     layernorm_epsilon: float = 1e-6
     """RMSNorm epsilon (HF ``rms_norm_eps``)."""
+    qk_layernorm: bool = True
+    """QK-norm: an RMSNorm over each query and key head before RoPE, one weight of size
+    ``kv_channels`` shared by all heads (Ling 2.0 and Qwen3 have it, Llama does not)."""
     init_method_std: float = 0.02
     """Standard deviation of the normal initialisation of new weights."""
     num_moe_experts: int | None = None
@@ -251,6 +264,15 @@ class TrainerConfig:
     """Run validation every this many steps; 0 disables it."""
     eval_iters: int = 4
     """Validation micro-batches per evaluation, per data-parallel rank."""
+    max_minutes: float | None = None
+    """Wall-clock budget of one launch, in minutes from the start of training; null for none.
+    Before it is spent the run saves a checkpoint and exits with code 75 ("stopped, run me
+    again"). Under Slurm the job's end time is a second deadline, used whether or not this is
+    set (docs/slurm.md)."""
+    stop_margin_seconds: float = 60.0
+    """Seconds kept free before a deadline (``max_minutes`` or the Slurm job's end time), on
+    top of the time one more step and one checkpoint save take (the slowest of each measured
+    in this run, remembered across requeues)."""
 
 
 @dataclass(kw_only=True)
@@ -322,6 +344,11 @@ class RunConfig:
     check_memory: bool = True
     """Refuse before any work a layout whose weights, gradients and optimizer states cannot fit
     in the memory of one device."""
+    distributed_timeout_minutes: float = 30.0
+    """Timeout of every collective and of process-group start-up, in minutes (megatron-core's
+    name). A rank that waits this long for a stalled or dead peer fails, so the job ends
+    with a non-zero code instead of idling until its time limit; keep it above the longest
+    legitimate wait (rank 0 building dataset indices, a checkpoint save)."""
 
 
 @dataclass(kw_only=True)

@@ -297,7 +297,8 @@ def _layer(m: Any, layout: Layout, dense: bool, gemm: bool) -> Iterator[_Tensor]
     qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels
     yield _Tensor(m.hidden_size, 1)  # input norm (fused into linear_qkv by TE)
     yield _Tensor(_div(qkv_rows, tp), m.hidden_size, gemm=gemm)  # linear_qkv
-    yield _Tensor(m.kv_channels, 1, count=2)  # q and k layernorm
+    if m.qk_layernorm:
+        yield _Tensor(m.kv_channels, 1, count=2)  # q and k layernorm
     yield _Tensor(m.hidden_size, _div(heads, tp), gemm=gemm)  # linear_proj
     yield _Tensor(m.hidden_size, 1)  # pre-MLP norm
     if dense:
@@ -564,12 +565,19 @@ def fp8_feature_ladder(cfg: Any, world_size: int, recipe: str | None = None) -> 
         One :class:`LadderStep` per step, the baseline first.
     """
     if recipe is None:
-        recipe = "blockwise" if cfg.fp8.recipe == "bf16" else cfg.fp8.recipe
-    if recipe == "blockwise_fp8_params":
-        recipe = "blockwise"
-    if recipe == "bf16":
+        recipe = "blockwise" if not get_recipe(cfg.fp8.recipe).is_fp8 else cfg.fp8.recipe
+    entry = get_recipe(recipe)
+    if not entry.is_fp8:
         raise ValueError("the FP8 feature ladder needs an FP8 recipe, not bf16.")
-    odt = recipe != "mxfp8"
+    if entry.fp8_primary_weights:
+        # The ladder switches FP8 primary weights on itself: start from the plain recipe.
+        recipe = next(
+            r.name
+            for r in RECIPES.values()
+            if r.megatron_recipe == entry.megatron_recipe and not r.fp8_primary_weights
+        )
+    # MXFP8 quantises its column-wise copy separately, so it is no transpose to drop.
+    odt = entry.scaling != "mxfp8"
     dtype = cfg.trainer.params_dtype
     steps: list[tuple[str, dict[str, Any]]] = [
         (f"{dtype} weights, no FP8", dict(recipe="bf16", optimizer="adam")),

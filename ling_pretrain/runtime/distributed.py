@@ -12,6 +12,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -67,8 +68,14 @@ def init_distributed(cfg: Any) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    timeout_minutes = cfg.run.distributed_timeout_minutes
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
 
     from megatron.core import parallel_state
 
@@ -81,6 +88,7 @@ def init_distributed(cfg: Any) -> DistInfo:
             context_parallel_size=p.context_parallel_size,
             expert_model_parallel_size=p.expert_model_parallel_size,
             expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,
         )
     seed_everything(cfg.trainer.seed)
     return DistInfo(rank, world, local_rank, device)

@@ -21,7 +21,7 @@ from ling_pretrain.runtime.distributed import (
     init_distributed,
     world_size_from_env,
 )
-from ling_pretrain.train import metrics, report, throughput
+from ling_pretrain.train import metrics, preempt, report, throughput
 from ling_pretrain.train.setup import TrainParts, setup
 from ling_pretrain.train.sinks import Sink
 from ling_pretrain.train.step import eval_step, train_step
@@ -54,22 +54,50 @@ def _evaluate(parts: TrainParts) -> float | None:
     return loss
 
 
-def run_training(parts: TrainParts, writer: metrics.MetricsWriter, save_dir: str) -> dict:
-    """Train from ``parts.state.step`` to ``trainer.max_steps``; returns the last record."""
+def run_training(
+    parts: TrainParts,
+    writer: metrics.MetricsWriter,
+    save_dir: str,
+    stop: preempt.StopRequests,
+) -> dict:
+    """Train from ``parts.state.step`` to ``trainer.max_steps``; returns the last record.
+
+    Raises:
+        preempt.Stopped: after a stop on a signal or a deadline, once the checkpoint of the
+            current step is complete on every rank.
+    """
     cfg, state, layout = parts.cfg, parts.state, parts.layout
     t, ck = cfg.trainer, cfg.checkpoint
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     record: dict = {}
+
+    def save() -> str:
+        start = time.perf_counter()
+        path = save_checkpoint(
+            save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last
+        )
+        stop.save_done(time.perf_counter() - start)
+        return str(path)
+
     if state.step >= t.max_steps:
         logger.info(
             "already at step %d >= trainer.max_steps=%d: nothing to do", state.step, t.max_steps
         )
+        stop.finish(state.step, t.max_steps)
         return record
+    # A resumed run's checkpoint of its first step already exists.
+    saved_step = state.step if state.step > 0 else None
     # Steps are timed from their batch to their reduced metrics: evaluation and checkpoints
     # fall outside, and the data wait is measured apart (train.throughput).
     meter = throughput.Meter(cfg, layout, parts.device)
     timer = throughput.StepTimer(parts.data_clock)
     while state.step < t.max_steps:
+        if stop.requested(parts.device):
+            stop.announce(state.step, saved_step != state.step)
+            path = save() if saved_step != state.step else None
+            stop.finish(state.step, t.max_steps, path)
+            raise preempt.Stopped(state.step, stop.decision.reason)
+        step_start = time.perf_counter()
         timer.start()
         result = train_step(parts, layout.num_microbatches)
         state.step += 1
@@ -100,14 +128,12 @@ def run_training(parts: TrainParts, writer: metrics.MetricsWriter, save_dir: str
             if val is not None:
                 record["val_loss"] = val
             writer.log(record)
+        stop.step_done(time.perf_counter() - step_start)
         if ck.save_interval > 0 and state.step % ck.save_interval == 0 and state.step < t.max_steps:
-            save_checkpoint(
-                save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last
-            )
-    if ck.save_at_end:
-        save_checkpoint(
-            save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last
-        )
+            save()
+            saved_step = state.step
+    path = save() if ck.save_at_end else None
+    stop.finish(state.step, t.max_steps, path)
     return record
 
 
@@ -120,6 +146,10 @@ def train(cfg: Any, extra_sinks: Sequence[Sink] = ()) -> dict:
     layout = validate(cfg, world_size_from_env())
     output_dir = cfg.run.output_dir
     save_dir = cfg.checkpoint.save_dir or os.path.join(output_dir, "checkpoints")
+    # Before anything slow and before data-loader workers start: a SIGTERM that Slurm sends to
+    # every process of a step must kill neither this process nor its data-loader workers.
+    installed = preempt.install_signal_handlers()
+    preempt.keep_data_workers_alive()
     info = init_distributed(cfg)
     try:
         if info.rank == 0:
@@ -150,8 +180,9 @@ def train(cfg: Any, extra_sinks: Sequence[Sink] = ()) -> dict:
         writer = metrics.MetricsWriter(
             output_dir, cfg, resume_step=parts.state.step, extra_sinks=extra_sinks
         )
+        stop = preempt.StopRequests(cfg, output_dir, info.rank)
         try:
-            record = run_training(parts, writer, save_dir)
+            record = run_training(parts, writer, save_dir, stop)
         finally:
             writer.close()
         if info.rank == 0 and parts.state.step > first_step:
@@ -164,3 +195,5 @@ def train(cfg: Any, extra_sinks: Sequence[Sink] = ()) -> dict:
         # No collective here: after an error on one rank the others may be inside one, and a
         # barrier would turn the error into a hang. torchrun stops the remaining ranks.
         destroy_distributed()
+        if installed:
+            preempt.restore_signal_handlers()

@@ -155,7 +155,9 @@ def test_export_never_deletes_what_it_did_not_write(mcore_tp2, tmp_path):
     assert (repo / ".git" / "HEAD").is_file() and (repo / "notes.txt").read_text() == "mine"
 
     out = tmp_path / "hf"
-    run_convert([*export, "--out-dir", str(out)])
+    proc = run_convert([*export, "--out-dir", str(out)])
+    assert "wrote model-00001-of-00001.safetensors" in proc.stderr  # the file's real name
+    assert "part-rank" not in proc.stderr + proc.stdout
     first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
     assert first and all(p.stat().st_mode & 0o777 == 0o644 for p in out.glob("*.safetensors"))
     proc = run_convert([*export, "--out-dir", str(out)], check=False)

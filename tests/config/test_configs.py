@@ -52,6 +52,10 @@ MODEL_LAYOUTS = {
         ],
         H100,
     ),
+    "llama_tiny": (2, ["data=mock", "parallel.tensor_model_parallel_size=2"], CPU),
+    "qwen3_tiny": (2, ["data=mock"], CPU),
+    "llama31_8b": (8, ["trainer.params_dtype=bf16", "trainer.micro_batch_size=1"], H100),
+    "qwen3_8b": (8, ["trainer.params_dtype=bf16", "trainer.micro_batch_size=1"], H100),
 }
 
 

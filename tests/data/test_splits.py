@@ -28,7 +28,9 @@ def _corpus(prefix, documents: int, length: int = 40) -> str:
     return prefix
 
 
-@pytest.mark.parametrize("split", ["99,1,0", "98,2,0", "98/2/0", "90,5,5", "1", "80,20", "0.7,0.2,0.1"])
+@pytest.mark.parametrize(
+    "split", ["99,1,0", "98,2,0", "98/2/0", "90,5,5", "1", "80,20", "0.7,0.2,0.1"]
+)
 def test_split_bounds_are_megatrons(split):
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,

@@ -12,6 +12,7 @@ from ling_pretrain.config import compose
 from ling_pretrain.core.errors import ConfigError
 from ling_pretrain.jobs.resolve import resolve_checkpoint
 from ling_pretrain.models.registry import get_family
+from tests.models.hf_dense import PUBLISHED
 
 TINY = ["+model=ling_tiny", "data=mock"]
 
@@ -54,9 +55,12 @@ def test_hf_config_decides_the_family_and_every_model_field(tmp_path):
 
 
 def test_hf_model_type_no_family_reads_is_refused_with_the_known_ones(tmp_path):
-    hf = _hf_dir(tmp_path / "hf", model_type="llama")
-    with pytest.raises(ConfigError, match=r"model_type='llama'.*known model types: bailing_moe_v2"):
+    hf = _hf_dir(tmp_path / "hf", model_type="mistral")
+    with pytest.raises(
+        ConfigError, match=r"model_type='mistral'.*known model types: bailing_moe_v2"
+    ) as err:
         resolve_checkpoint(hf, [], ["data=mock"])
+    assert "llama (llama)" in str(err.value) and "qwen3 (qwen3)" in str(err.value)
 
 
 def test_hf_config_checked_against_an_explicit_preset(tmp_path):
@@ -89,3 +93,16 @@ def test_megatron_checkpoint_takes_the_model_and_dtype_of_its_run(tmp_path):
     assert resolved.cfg.trainer.params_dtype == "bf16"
     explicit = resolve_checkpoint(save_dir, [*TINY, "trainer.params_dtype=fp32"], ["data=mock"])
     assert explicit.cfg.model.num_layers == 4 and explicit.cfg.trainer.params_dtype == "fp32"
+
+
+@pytest.mark.parametrize("preset", ["llama31_8b", "qwen3_8b"])
+def test_published_dense_config_json_resolves_to_its_preset(tmp_path, preset):
+    path = tmp_path / "hf"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(PUBLISHED[preset][0]))
+    (path / "model.safetensors").write_bytes(b"")
+    resolved = resolve_checkpoint(path, [], ["data=mock"])
+    assert resolved.family.name == compose([f"+model={preset}"]).model.family
+    assert resolved.cfg.trainer.params_dtype == "bf16"
+    ours = dict(resolved.cfg.model, name=preset)
+    assert ours == dict(compose([f"+model={preset}"]).model)

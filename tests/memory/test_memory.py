@@ -105,6 +105,19 @@ def test_whole_model_on_one_gpu_matches_count_parameters():
     )
 
 
+@pytest.mark.parametrize(
+    "preset,published", [("llama31_8b", 8_030_261_248), ("qwen3_8b", 8_190_735_360)]
+)
+def test_dense_models_count_their_published_parameters(preset, published):
+    """QK-norm weights are counted only where the model has them (Qwen3: 36 x 2 x 128)."""
+    cfg = compose([f"+model={preset}", "trainer.params_dtype=bf16"])
+    assert sum(memory_breakdown(cfg, 1).local_params.values()) == published
+    b = memory_breakdown(cfg, 8)
+    assert b.local_params["routed_experts"] == 0
+    # bf16 weights, fp32 gradients, and fp32 master weights + Adam moments sharded over DP8.
+    assert b.total == pytest.approx(2 * published + 4 * published + 12 * published / 8, rel=1e-6)
+
+
 def test_bf16_baseline_items(ladder):
     s = ladder[0].breakdown.states
     assert s.weights == 2 * LOCAL

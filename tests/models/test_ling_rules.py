@@ -46,3 +46,12 @@ def test_group_score_rule_of_the_hf_checkpoints_is_enforced():
 def test_both_bias_rules_validate(rule):
     cfg = compose(["+model=ling_tiny", "data=mock", f"model.moe_router_bias_update={rule}"])
     validate(cfg, 1)
+
+
+def test_ling_keeps_qk_norm_and_has_no_rope_scaling():
+    assert "model.qk_layernorm=false: every Ling 2.0 model has QK-norm" in _errors(
+        ["model.qk_layernorm=false"]
+    )
+    assert "model.rope_scaling=true is Llama-3.1's RoPE scaling" in _errors(
+        ["model.rope_scaling=true"]
+    )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from ling_pretrain.config import compose
 from ling_pretrain.models.mcore import build_transformer_config, transformer_config_kwargs
+from ling_pretrain.models.registry import get_family
 from ling_pretrain.optim.mcore import build_optimizer_config
 from ling_pretrain.train.ddp import build_ddp_config
 
@@ -35,6 +37,8 @@ MODEL_RENAMES = {
     "max_position_embeddings": None,
     "rotary_percent": None,
     "rotary_base": None,
+    "rope_scaling": None,
+    "rope_scaling_factor": None,
     "name": None,
     "family": None,  # chooses the code that builds the model
     "moe_router_bias_update": None,  # applied around finalize_model_grads (train/moe.py)
@@ -54,6 +58,63 @@ def test_every_model_field_reaches_transformer_config():
             assert tc.moe_z_loss_coeff == value
         else:
             assert getattr(tc, target) == value, key
+
+
+# Fields a dense model (llama, qwen3) does not pass to megatron-core: validation requires the
+# mixture-of-experts ones to be null and MTP to be off, so the rest have no effect.
+DENSE_UNUSED = {
+    "first_k_dense_replace",
+    "moe_router_topk",
+    "moe_router_num_groups",
+    "moe_router_group_topk",
+    "moe_router_topk_scaling_factor",
+    "moe_router_score_function",
+    "moe_router_enable_expert_bias",
+    "moe_router_bias_update_rate",
+    "moe_aux_loss_coeff",
+    "moe_z_loss_coeff",
+    "mtp_loss_scaling_factor",
+}
+
+
+@pytest.mark.parametrize("preset", ["llama_tiny", "qwen3_tiny", "llama31_8b", "qwen3_8b"])
+def test_every_dense_model_field_reaches_transformer_config(preset):
+    cfg = compose([f"+model={preset}", "data=mock", "model.init_method_std=0.01"])
+    tc = build_transformer_config(cfg)
+    for key, value in cfg.model.items():
+        if key in DENSE_UNUSED:
+            continue
+        target = MODEL_RENAMES.get(key, key)
+        if target is None:
+            continue  # GPTModel constructor arguments, checked below and in the builder test
+        if key == "mtp_num_layers":
+            assert value == 0 and tc.mtp_num_layers is None
+        elif key in ("num_moe_experts", "moe_ffn_hidden_size"):
+            assert value is None and getattr(tc, key) is None, key
+        else:
+            assert getattr(tc, target) == value, key
+    assert tc.moe_layer_freq == 1 and tc.moe_router_topk == 2  # megatron's defaults: unused
+    gpt = get_family(cfg.model).gpt_model_kwargs(cfg.model)
+    m = cfg.model
+    assert gpt == dict(
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.max_position_embeddings,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=m.rotary_base,
+        rope_scaling=m.rope_scaling,
+        rope_scaling_factor=m.rope_scaling_factor,
+    )
+
+
+@pytest.mark.parametrize("preset,qk_norm", [("llama_tiny", False), ("qwen3_tiny", True)])
+def test_dense_architecture_switches_are_set(preset, qk_norm):
+    tc = build_transformer_config(compose([f"+model={preset}", "data=mock"]))
+    assert tc.normalization == "RMSNorm" and tc.gated_linear_unit and tc.qk_layernorm is qk_norm
+    assert tc.activation_func is F.silu and not tc.add_bias_linear and not tc.add_qkv_bias
+    assert tc.num_moe_experts is None and tc.calculate_per_token_loss
+    assert tc.hidden_dropout == 0.0 and tc.attention_dropout == 0.0
 
 
 def test_ling_architecture_switches_are_set():

@@ -13,6 +13,16 @@ def check_ling(model_cfg: Any, errors: list[str]) -> None:
     """Append every reason ``model_cfg`` is not a Ling 2.0 model this trainer can build."""
     m = model_cfg
     check_transformer(m, errors)
+    if not m.qk_layernorm:
+        errors.append(
+            "model.qk_layernorm=false: every Ling 2.0 model has QK-norm (its HF checkpoints hold "
+            "query_layernorm / key_layernorm weights); leave model.qk_layernorm=true."
+        )
+    if m.rope_scaling:
+        errors.append(
+            "model.rope_scaling=true is Llama-3.1's RoPE scaling, which Ling 2.0 does not use; "
+            "leave model.rope_scaling=false."
+        )
     unset = [f"model.{k}" for k in _MOE_FIELDS if getattr(m, k) is None]
     if unset:
         errors.append(

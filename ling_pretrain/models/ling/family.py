@@ -47,7 +47,7 @@ class LingFamily(ModelFamily):
             add_qkv_bias=False,
             gated_linear_unit=True,
             activation_func=F.silu,
-            qk_layernorm=True,
+            qk_layernorm=m.qk_layernorm,
             rotary_interleaved=False,
             hidden_dropout=0.0,
             attention_dropout=0.0,
