@@ -121,9 +121,10 @@ def test_ling_v2_table_points_are_lings_and_fit_80gb_gpus(model):
         assert point.nodes * suite.processes_per_node == gpus
         assert cfg.trainer.global_batch_size == gbs and cfg.data.seq_length == 4096
         assert cfg.fp8.recipe == "blockwise_fp8_params" and cfg.optimizer.optimizer == "adam8bit"
-        assert (cfg.model.mtp_num_layers == 0) == model.endswith("no_mtp")
         if model.startswith("ling"):
+            assert (cfg.model.mtp_num_layers == 1) == (model == "ling_mini")
             assert cfg.parallel.expert_model_parallel_size == 8
+            assert cfg.parallel.moe_token_dispatcher_type == "flex"
 
 
 def test_table_puts_the_published_figure_and_ratio_beside_each():
