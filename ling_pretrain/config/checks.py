@@ -40,7 +40,9 @@ def check_trainer(cfg: Any, errors: list[str]) -> None:
     if t.params_dtype not in PARAMS_DTYPES:
         errors.append(f"trainer.params_dtype={t.params_dtype!r} must be one of fp32, bf16, fp16.")
     if t.max_steps < 1:
-        errors.append(f"trainer.max_steps={t.max_steps} must be >= 1.")
+        errors.append(
+            f"trainer.max_steps={t.max_steps} must be >= 1; set trainer.max_steps=<steps>."
+        )
     if t.recompute_granularity not in RECOMPUTE:
         errors.append(
             f"trainer.recompute_granularity={t.recompute_granularity!r} must be null, 'full' or "

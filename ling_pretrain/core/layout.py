@@ -160,7 +160,10 @@ def check_layout(cfg: Any, world_size: int, errors: list[str]) -> None:
             f"{ep} and {p.expert_tensor_parallel_size})."
         )
     if p.sequence_parallel and tp == 1:
-        errors.append("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1.")
+        errors.append(
+            "parallel.sequence_parallel=true needs tensor_model_parallel_size > 1; set "
+            "parallel.sequence_parallel=false, or raise the TP size."
+        )
 
     vpp = p.virtual_pipeline_model_parallel_size
     stages = pp * (vpp or 1)

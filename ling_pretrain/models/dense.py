@@ -17,6 +17,7 @@ from typing import Any
 
 from ling_pretrain.models.checks import check_transformer
 from ling_pretrain.models.family import ModelFamily, ParamCounts
+from ling_pretrain.models.gpt import decoder_kwargs, rope_gpt_model_kwargs
 
 MOE_FIELDS = ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
 """``ModelConfig`` fields that make a model a mixture of experts (null for dense models)."""
@@ -62,41 +63,10 @@ class DenseGPTFamily(ModelFamily):
     """A preset named in error messages."""
 
     def transformer_kwargs(self, model_cfg: Any) -> dict[str, Any]:
-        import torch.nn.functional as F  # torch is not needed to count or check a model
-
-        m = model_cfg
-        return dict(
-            num_layers=m.num_layers,
-            hidden_size=m.hidden_size,
-            num_attention_heads=m.num_attention_heads,
-            num_query_groups=m.num_query_groups,
-            kv_channels=m.kv_channels,
-            ffn_hidden_size=m.ffn_hidden_size,
-            normalization="RMSNorm",
-            layernorm_epsilon=m.layernorm_epsilon,
-            add_bias_linear=False,
-            add_qkv_bias=False,
-            gated_linear_unit=True,
-            activation_func=F.silu,
-            qk_layernorm=m.qk_layernorm,
-            rotary_interleaved=False,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            init_method_std=m.init_method_std,
-        )
+        return decoder_kwargs(model_cfg)
 
     def gpt_model_kwargs(self, model_cfg: Any) -> dict[str, Any]:
-        m = model_cfg
-        return dict(
-            vocab_size=m.vocab_size,
-            max_sequence_length=m.max_position_embeddings,
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
-            rotary_percent=m.rotary_percent,
-            rotary_base=m.rotary_base,
-            rope_scaling=m.rope_scaling,
-            rope_scaling_factor=m.rope_scaling_factor,
-        )
+        return rope_gpt_model_kwargs(model_cfg)
 
     def count_parameters(self, model_cfg: Any) -> ParamCounts:
         return count_dense_parameters(model_cfg)

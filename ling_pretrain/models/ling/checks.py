@@ -53,4 +53,8 @@ def check_ling(model_cfg: Any, errors: list[str]) -> None:
                 "train differently from the one it is served as. Use topk = 2 x group_topk."
             )
         elif (m.num_moe_experts // groups) < 2:
-            errors.append("each expert group needs at least 2 experts (top-2 group score).")
+            errors.append(
+                f"model.moe_router_num_groups={groups} leaves groups of "
+                f"{m.num_moe_experts // groups} expert(s); the top-2 group score needs at least 2: "
+                "lower model.moe_router_num_groups."
+            )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ling_pretrain.models.family import ModelFamily, ParamCounts
+from ling_pretrain.models.gpt import decoder_kwargs, rope_gpt_model_kwargs
 from ling_pretrain.models.ling.checks import check_ling
 from ling_pretrain.models.ling.hf import LingHFAdapter
 from ling_pretrain.models.ling.params import count_parameters
@@ -31,27 +32,9 @@ class LingFamily(ModelFamily):
     hf = LingHFAdapter()
 
     def transformer_kwargs(self, model_cfg: Any) -> dict[str, Any]:
-        import torch.nn.functional as F  # torch is not needed to count or check a model
-
         m = model_cfg
         return dict(
-            num_layers=m.num_layers,
-            hidden_size=m.hidden_size,
-            num_attention_heads=m.num_attention_heads,
-            num_query_groups=m.num_query_groups,
-            kv_channels=m.kv_channels,
-            ffn_hidden_size=m.ffn_hidden_size,
-            normalization="RMSNorm",
-            layernorm_epsilon=m.layernorm_epsilon,
-            add_bias_linear=False,
-            add_qkv_bias=False,
-            gated_linear_unit=True,
-            activation_func=F.silu,
-            qk_layernorm=m.qk_layernorm,
-            rotary_interleaved=False,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            init_method_std=m.init_method_std,
+            **decoder_kwargs(m),
             # Mixture of experts.
             num_moe_experts=m.num_moe_experts,
             moe_ffn_hidden_size=m.moe_ffn_hidden_size,
@@ -74,15 +57,7 @@ class LingFamily(ModelFamily):
         )
 
     def gpt_model_kwargs(self, model_cfg: Any) -> dict[str, Any]:
-        m = model_cfg
-        return dict(
-            vocab_size=m.vocab_size,
-            max_sequence_length=m.max_position_embeddings,
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
-            rotary_percent=m.rotary_percent,
-            rotary_base=m.rotary_base,
-        )
+        return rope_gpt_model_kwargs(model_cfg)
 
     def moe_layer_pattern(self, model_cfg: Any) -> list[int]:
         return moe_layer_pattern(model_cfg)
