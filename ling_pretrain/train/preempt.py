@@ -96,8 +96,26 @@ def _handler(signum: int, frame: Any) -> None:
         _received = (signum, time.time())
 
 
+def _parent_gone() -> bool:
+    """Whether torchrun's agent (the parent at start-up) has exited. A worker started from
+    one of the agent's threads gets the parent-death signal when that thread exits, possibly
+    before the rest of the agent: the parent may still look alive in the handler, so this is
+    asked again when the stop is decided."""
+    if _parent is None:
+        return False
+    if os.getppid() != _parent:
+        return True
+    try:
+        with open(f"/proc/{_parent}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
 def _reason(code: int) -> str:
-    return "torchrun agent died" if code == _PARENT_DIED else signal.Signals(code).name
+    if code == _PARENT_DIED or (code == signal.SIGTERM and _parent_gone()):
+        return "torchrun agent died"
+    return signal.Signals(code).name
 
 
 def install_signal_handlers() -> bool:
