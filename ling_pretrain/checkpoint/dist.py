@@ -404,8 +404,8 @@ class Checkpointer:
         size = sum(e["size"] for e in entries.values())
         how = "in the background " if self._pending is pending else ""
         logger.info(
-            "saved checkpoint %s %sin %.2f s (%d files, %.1f MB; writing %.2f s, checksums "
-            "%.2f s%s)",
+            "saved checkpoint %s %sin %.2f s (%d files, %.1f MB; writing %.3f s, checksums "
+            "%.3f s%s)",
             final,
             how,
             time.perf_counter() - pending.started,
