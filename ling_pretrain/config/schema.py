@@ -286,10 +286,15 @@ class CheckpointConfig:
     save_at_end: bool = True
     """Save a checkpoint when training finishes."""
     resume: bool = True
-    """Resume everything (weights, optimizer, scheduler, step, data position, RNG) from the
-    newest complete checkpoint in ``save_dir`` when there is one."""
+    """Resume everything (weights, optimizer, scheduler, step, data position, each rank's RNG
+    states) from the newest intact checkpoint in ``save_dir`` when there is one. The
+    checkpoint must hold the same model; a changed learning-rate schedule needs
+    ``override_scheduler`` or ``use_checkpoint_scheduler``; the layout may change."""
     load_dir: str | None = None
-    """Resume from this checkpoint directory instead of ``save_dir``."""
+    """A checkpoint to resume from (everything, as from ``save_dir``): an ``iter_XXXXXXX``
+    directory or a save_dir. It is where a run starts, not where it stays: once the run's own
+    ``save_dir`` holds a checkpoint of the same or a later step, that one wins, so a requeued
+    job that still sets this goes on from its own progress."""
     init_from: str | None = None
     """Initialise weights only (fresh optimizer, step 0) from this megatron checkpoint."""
     init_from_hf: str | None = None
@@ -302,7 +307,35 @@ class CheckpointConfig:
     the MTP layers keep their fresh initialisation (norms at one, ``eh_proj`` and the
     transformer layer from the model's init). Off: such a checkpoint is refused."""
     keep_last: int = 0
-    """Keep only this many newest checkpoints; 0 keeps all."""
+    """Keep only this many newest checkpoints; 0 keeps all. Older ones are deleted only when
+    a new checkpoint is complete, so the newest intact checkpoint is never deleted (keep 2 or
+    more to survive damage to the newest)."""
+    checksums: bool = True
+    """Record an xxh3-64 checksum of every file in each checkpoint's ``manifest.json`` (sizes
+    are always recorded), checked before the checkpoint is loaded. Measured on CPU: 2-3% of
+    the save time (0.07-0.15 s of 3.6-4.9 s for a 1.1 GB checkpoint; 5-10 ms of 0.3-0.6 s for
+    ling_tiny's 55 MB), hashed by each rank right after writing; checking on load reads the
+    checkpoint once more (docs/slurm.md). Off: truncation and missing files are still found,
+    overwritten bytes are not."""
+    on_damaged: str = "fallback"
+    """What a start does when the newest checkpoint fails verification (missing or truncated
+    file, checksum mismatch, unreadable metadata): ``fallback`` logs the file and the problem,
+    renames it ``iter_XXXXXXX.damaged`` and resumes from the newest intact checkpoint;
+    ``error`` stops with that message and exit code 2 before loading anything."""
+    async_save: bool = False
+    """Write checkpoints in the background with megatron-core's async torch_dist save while
+    training goes on (verified on CPU; on GPUs megatron first copies the tensors to host
+    memory). A checkpoint is complete (manifest, rename, ``latest``) only when every rank has
+    finished writing; the next save, a stop and the end of training wait for it."""
+    override_scheduler: bool = False
+    """On resume, this config's learning-rate schedule (``optimizer.lr``, ``min_lr``,
+    ``lr_decay_style``, ``lr_decay_steps``, ``lr_warmup_steps``, ``weight_decay``,
+    ``trainer.max_steps`` when it sets the decay length) wins over the checkpoint's, from the
+    checkpoint's step on (megatron's ``override_opt_param_scheduler``)."""
+    use_checkpoint_scheduler: bool = False
+    """On resume, the checkpoint's learning-rate schedule wins and this config's differing
+    values are ignored (megatron's ``use_checkpoint_opt_param_scheduler``). With neither this
+    nor ``override_scheduler`` a resume with a different schedule is refused before any work."""
     seed_checkpoint: bool = False
     """Only build and initialise the model, save it as step 0 and exit: a seed checkpoint any
     parallel layout can start from with ``checkpoint.init_from``."""

@@ -13,6 +13,7 @@ model family           ``ling_pretrain/models/<family>/`` (``ModelFamily.check``
 layout                 :mod:`ling_pretrain.core.layout`
 trainer, checkpoint    :mod:`ling_pretrain.config.checks`; an HF directory by the family's adapter
 logging                :mod:`ling_pretrain.config.checks`
+resuming               :mod:`ling_pretrain.jobs.resume` (the checkpoint's model and schedule)
 optimizer              :mod:`ling_pretrain.optim.checks`
 data                   :mod:`ling_pretrain.data.checks`
 FP8                    :mod:`ling_pretrain.fp8.checks`
@@ -40,6 +41,7 @@ from ling_pretrain.core.errors import ConfigError, raise_if_any
 from ling_pretrain.core.layout import Layout, check_layout, derive_layout
 from ling_pretrain.data.checks import check_data
 from ling_pretrain.fp8.checks import check_fp8, check_fp8_hardware
+from ling_pretrain.jobs.resume import check_resume
 from ling_pretrain.memory.breakdown import check_fits
 from ling_pretrain.models.registry import get_family
 from ling_pretrain.optim.checks import check_optimizer
@@ -85,6 +87,8 @@ def validate(cfg: Any, world_size: int, hardware: Hardware | None = None) -> Lay
             ck.init_from_hf, cfg.model, init_missing_mtp=bool(ck.hf_init_missing_mtp)
         )
     check_fp8(cfg, errors)
+    if not errors:
+        check_resume(cfg, errors)
     if not errors:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         hw = hardware or Hardware.detect(local)

@@ -68,14 +68,12 @@ def build_optimizer(cfg: Any, model: list) -> Any:
     return optimizer
 
 
-def build_scheduler(cfg: Any, optimizer: Any):
-    """megatron's ``OptimizerParamScheduler``, counted in optimizer steps."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
+def scheduler_kwargs(cfg: Any) -> dict[str, Any]:
+    """The schedule's arguments of megatron's ``OptimizerParamScheduler`` for a job config
+    (what its checkpointed state records, and what a resumed run compares)."""
     o = cfg.optimizer
     decay = o.lr_decay_steps or cfg.trainer.max_steps
-    return OptimizerParamScheduler(
-        optimizer,
+    return dict(
         init_lr=0.0,
         max_lr=o.lr,
         min_lr=o.min_lr,
@@ -88,4 +86,23 @@ def build_scheduler(cfg: Any, optimizer: Any):
         wd_incr_style="constant",
         wsd_decay_steps=max(decay // 10, 1) if o.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style="cosine" if o.lr_decay_style == "WSD" else None,
+    )
+
+
+def build_scheduler(cfg: Any, optimizer: Any):
+    """megatron's ``OptimizerParamScheduler``, counted in optimizer steps.
+
+    On resume the config's values win (megatron's ``override_opt_param_scheduler``) unless
+    ``checkpoint.use_checkpoint_scheduler`` asks for the checkpoint's. A resume whose schedule
+    differs without either choice is refused before any work (``ling_pretrain.jobs.resume``),
+    so megatron's own equality assertion is not needed here.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    use_checkpoint = bool(cfg.checkpoint.use_checkpoint_scheduler)
+    return OptimizerParamScheduler(
+        optimizer,
+        **scheduler_kwargs(cfg),
+        use_checkpoint_opt_param_scheduler=use_checkpoint,
+        override_opt_param_scheduler=not use_checkpoint,
     )

@@ -15,6 +15,7 @@ from ling_pretrain.checkpoint.dist import save_checkpoint
 from ling_pretrain.core.io import atomic_write_text
 from ling_pretrain.core.log import add_log_file
 from ling_pretrain.data.gpt import make_loader
+from ling_pretrain.jobs.resume import choose_checkpoint, save_dir_of
 from ling_pretrain.jobs.validate import validate
 from ling_pretrain.runtime.distributed import (
     destroy_distributed,
@@ -31,6 +32,22 @@ logger = logging.getLogger(__name__)
 
 def _write_config(cfg: Any, output_dir: str) -> None:
     atomic_write_text(os.path.join(output_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _nothing_to_do(cfg: Any, step: int, rank: int) -> dict:
+    """A start of a run that has reached ``trainer.max_steps``: nothing is built or written
+    but the status file."""
+    if rank == 0:
+        logger.info(
+            "already at step %d >= trainer.max_steps=%d: nothing to do (%s/config.yaml still "
+            "describes its checkpoints). To train on, raise trainer.max_steps; for another run "
+            "choose another run.output_dir.",
+            step,
+            cfg.trainer.max_steps,
+            cfg.run.output_dir,
+        )
+    preempt.StopRequests(cfg, cfg.run.output_dir, rank).finish(step, cfg.trainer.max_steps)
+    return {}
 
 
 def _evaluate(parts: TrainParts) -> float | None:
@@ -71,12 +88,12 @@ def run_training(
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     record: dict = {}
 
-    def save() -> str:
+    saver = parts.checkpointer
+
+    def save(wait: bool = True) -> str:
         start = time.perf_counter()
-        path = save_checkpoint(
-            save_dir, state, parts.model, parts.optimizer, parts.scheduler, ck.keep_last
-        )
-        stop.save_done(time.perf_counter() - start)
+        path = saver.save(state, parts.model, parts.optimizer, parts.scheduler, wait=wait)
+        stop.save_done(max(time.perf_counter() - start, saver.slowest_seconds))
         return str(path)
 
     if state.step >= t.max_steps:
@@ -92,9 +109,11 @@ def run_training(
     meter = throughput.Meter(cfg, layout, parts.device)
     timer = throughput.StepTimer(parts.data_clock)
     while state.step < t.max_steps:
+        saver.poll()
         if stop.requested(parts.device):
             stop.announce(state.step, saved_step != state.step)
             path = save() if saved_step != state.step else None
+            saver.wait()
             stop.finish(state.step, t.max_steps, path)
             raise preempt.Stopped(state.step, stop.decision.reason)
         step_start = time.perf_counter()
@@ -130,9 +149,10 @@ def run_training(
             writer.log(record)
         stop.step_done(time.perf_counter() - step_start)
         if ck.save_interval > 0 and state.step % ck.save_interval == 0 and state.step < t.max_steps:
-            save()
+            save(wait=False)
             saved_step = state.step
     path = save() if ck.save_at_end else None
+    saver.wait()
     stop.finish(state.step, t.max_steps, path)
     return record
 
@@ -145,7 +165,7 @@ def train(cfg: Any, extra_sinks: Sequence[Sink] = ()) -> dict:
     """
     layout = validate(cfg, world_size_from_env())
     output_dir = cfg.run.output_dir
-    save_dir = cfg.checkpoint.save_dir or os.path.join(output_dir, "checkpoints")
+    save_dir = str(save_dir_of(cfg))
     # Before anything slow and before data-loader workers start: a SIGTERM that Slurm sends to
     # every process of a step must kill neither this process nor its data-loader workers.
     installed = preempt.install_signal_handlers()
@@ -155,7 +175,12 @@ def train(cfg: Any, extra_sinks: Sequence[Sink] = ()) -> dict:
         if info.rank == 0:
             os.makedirs(output_dir, exist_ok=True)
             add_log_file(os.path.join(output_dir, "pretrain.log"))
-            _write_config(cfg, output_dir)
+        source = choose_checkpoint(cfg)
+        if source is not None and source.step >= cfg.trainer.max_steps:
+            return _nothing_to_do(cfg, source.step, info.rank)
+        if info.rank == 0:
+            if source is None:  # a resumed run's config.yaml follows its checkpoints
+                _write_config(cfg, output_dir)
             logger.info(
                 "%s on %d process(es): TP=%d PP=%d EP=%d CP=%d DP=%d VPP=%s, %d micro-batch(es) "
                 "per step, device %s",
@@ -170,9 +195,9 @@ def train(cfg: Any, extra_sinks: Sequence[Sink] = ()) -> dict:
                 layout.num_microbatches,
                 info.device.type,
             )
-        parts = setup(cfg, layout, info.device, save_dir)
+        parts = setup(cfg, layout, info.device, save_dir, source)
         if cfg.checkpoint.seed_checkpoint:
-            path = save_checkpoint(save_dir, parts.state, parts.model)
+            path = save_checkpoint(save_dir, parts.state, parts.model, config=cfg)
             logger.info("seed checkpoint written to %s", path)
             dist.barrier()
             return {}

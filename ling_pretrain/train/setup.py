@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ling_pretrain.checkpoint.dist import TrainState, find_latest, load_checkpoint
+from ling_pretrain.checkpoint import rng
+from ling_pretrain.checkpoint.dist import (
+    Checkpointer,
+    TrainState,
+    layout_record,
+    load_checkpoint,
+    read_train_state,
+)
 from ling_pretrain.checkpoint.hf.loader import load_hf_into_model
 from ling_pretrain.core.layout import Layout
 from ling_pretrain.data.gpt import build_datasets, data_cache_dir, make_loader, resolve_data
+from ling_pretrain.jobs.resume import Candidate, describe_resume
 from ling_pretrain.models.build import build_model
 from ling_pretrain.models.registry import get_family
 from ling_pretrain.optim.mcore import build_optimizer, build_scheduler
@@ -36,25 +45,29 @@ class TrainParts:
     state: TrainState
     train_iters: list
     valid_dataset: Any | None
+    checkpointer: Checkpointer
     step_stats: dict = field(default_factory=dict)
     """Per-step statistics filled during the step (expert load)."""
     data_clock: WaitClock = field(default_factory=WaitClock)
     """Time spent waiting for training batches (the iterators in ``train_iters``)."""
 
 
-def _restore(cfg: Any, model: list, optimizer: Any, scheduler: Any, save_dir: str) -> TrainState:
-    """Resume (everything) or initialise (weights only), as the checkpoint config says."""
+def _restore(
+    cfg: Any, layout: Layout, model: list, optimizer: Any, scheduler: Any, source: Candidate | None
+) -> tuple[TrainState, dict | None]:
+    """Resume (everything) from ``source``, or initialise (weights only), as the checkpoint
+    config says. Returns the state and the RNG states to put back before the first step."""
     ck = cfg.checkpoint
-    if ck.load_dir:
-        logger.info("resuming from %s", ck.load_dir)
-        return load_checkpoint(ck.load_dir, model, optimizer, scheduler)
-    latest = find_latest(save_dir) if ck.resume else None
-    if latest is not None:
-        logger.info("resuming from %s", latest)
-        state = load_checkpoint(latest, model, optimizer, scheduler)
+    if source is not None:
+        logger.info("resuming from %s", source.path)
+        if dist.get_rank() == 0:
+            for line in describe_resume(cfg, source):
+                logger.warning(line)
+        state = load_checkpoint(source.path, model, optimizer, scheduler, verify=False)
         if state.weights_only:
             optimizer.reload_model_params()
-        return state
+            return state, None
+        return state, _saved_rng(source, layout)
     if ck.init_from:
         logger.info("initialising weights from %s (fresh optimizer, step 0)", ck.init_from)
         load_checkpoint(ck.init_from, model)
@@ -64,11 +77,41 @@ def _restore(cfg: Any, model: list, optimizer: Any, scheduler: Any, save_dir: st
         logger.info("initialising weights from HF %s (fresh optimizer, step 0)", ck.init_from_hf)
         load_hf_into_model(ck.init_from_hf, model, cfg, get_family(cfg.model).hf)
         optimizer.reload_model_params()
-    return TrainState()
+    return TrainState(), None
 
 
-def setup(cfg: Any, layout: Layout, device: torch.device, save_dir: str) -> TrainParts:
-    """Build model, optimizer, schedule and data for this rank, restoring a checkpoint."""
+def _saved_rng(source: Candidate, layout: Layout) -> dict | None:
+    """This rank's RNG states in ``source`` when it was saved at this layout (agreed by every
+    rank, which all read the same train_state.json)."""
+    saved = read_train_state(source.path).get("layout")
+    if saved is None:
+        return None
+    if saved != layout_record(layout):
+        if dist.get_rank() == 0:
+            changed = ", ".join(
+                f"{k} {saved.get(k)} -> {v}"
+                for k, v in layout_record(layout).items()
+                if saved.get(k) != v
+            )
+            logger.warning(
+                "resuming at another layout (%s): random-number generators start from "
+                "trainer.seed instead of the checkpoint's streams, which belong to its ranks",
+                changed,
+            )
+        return None
+    return rng.load(source.path, dist.get_rank())
+
+
+def setup(
+    cfg: Any,
+    layout: Layout,
+    device: torch.device,
+    save_dir: str,
+    source: Candidate | None = None,
+) -> TrainParts:
+    """Build model, optimizer, schedule and data for this rank, restoring ``source`` (a
+    verified checkpoint, :func:`ling_pretrain.jobs.resume.choose_checkpoint`) or the weights
+    ``checkpoint.init_from`` / ``init_from_hf`` name."""
     from megatron.core import parallel_state as ps
 
     chunks = build_model(cfg)
@@ -88,7 +131,7 @@ def setup(cfg: Any, layout: Layout, device: torch.device, save_dir: str) -> Trai
         if len(model) == 1:
             config.param_sync_func = config.param_sync_func[0]
 
-    state = _restore(cfg, model, optimizer, scheduler, save_dir)
+    state, rng_states = _restore(cfg, layout, model, optimizer, scheduler, source)
 
     data = resolve_data(cfg)
     t = cfg.trainer
@@ -109,6 +152,19 @@ def setup(cfg: Any, layout: Layout, device: torch.device, save_dir: str) -> Trai
         data_clock.wrap(make_loader(train_ds, state.consumed_samples, cfg, dp_rank, dp_size))
         for _ in model
     ]
+    if rng_states is not None:
+        # Last: what set-up drew (initialisation, loader seeds) must not shift the streams.
+        rng.restore(rng_states)
+    ck = cfg.checkpoint
+    checkpointer = Checkpointer(
+        save_dir,
+        keep_last=ck.keep_last,
+        checksums=ck.checksums,
+        async_save=ck.async_save,
+        config=cfg,
+        run_config=os.path.join(cfg.run.output_dir, "config.yaml"),
+        layout=layout,
+    )
     return TrainParts(
         cfg=cfg,
         layout=layout,
@@ -119,6 +175,7 @@ def setup(cfg: Any, layout: Layout, device: torch.device, save_dir: str) -> Trai
         state=state,
         train_iters=train_iters,
         valid_dataset=valid_ds,
+        checkpointer=checkpointer,
         step_stats=step_stats,
         data_clock=data_clock,
     )
