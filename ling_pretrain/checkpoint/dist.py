@@ -120,9 +120,7 @@ def save_checkpoint(
     sharded = model_sharded_state_dict(model)
     with optimizer_state.saving(optimizer):
         if optimizer is not None:
-            sharded["optimizer"] = optimizer.sharded_state_dict(
-                sharded, metadata=optimizer_state.sharding_metadata(optimizer)
-            )
+            sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, sharded)
             sharded["scheduler"] = scheduler.state_dict()
         dist_checkpointing.save(sharded, str(partial))
     dist.barrier()
@@ -184,9 +182,7 @@ def load_checkpoint(
     sharded = model_sharded_state_dict(model)
     with optimizer_state.loading(optimizer):
         if optimizer is not None:
-            sharded["optimizer"] = optimizer.sharded_state_dict(
-                sharded, is_loading=True, metadata=optimizer_state.sharding_metadata(optimizer)
-            )
+            sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, sharded, ckpt)
         state_dict = dist_checkpointing.load(sharded, str(ckpt))
         for i, m in enumerate(model):
             unwrap(m).load_state_dict(state_dict[_model_key(i, len(model))], strict=True)
@@ -195,7 +191,7 @@ def load_checkpoint(
         import torch
 
         with torch.no_grad():  # copies into fp32 master weights, which are leaves requiring grad
-            optimizer.load_state_dict(state_dict["optimizer"])
+            optimizer_state.load_state_dict(optimizer, state_dict["optimizer"])
     if scheduler is not None and "scheduler" in state_dict:
         scheduler.load_state_dict(state_dict["scheduler"])
     return TrainState(**saved)
