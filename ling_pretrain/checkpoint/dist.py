@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class TrainState:
     """Training tokens consumed (global)."""
     weights_only: bool = False
     """The checkpoint holds model weights only (a seed checkpoint): nothing else to resume."""
+    bad_steps: dict = field(default_factory=dict)
+    """The bad-step policy's statistics (``train.bad_steps``), so a resumed run decides alike."""
 
 
 def iter_dir_name(step: int) -> str:

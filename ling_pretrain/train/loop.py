@@ -10,7 +10,7 @@ from typing import Any
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from ling_pretrain.checkpoint.dist import save_checkpoint
+from ling_pretrain.checkpoint.dist import find_latest, save_checkpoint
 from ling_pretrain.core.io import atomic_write_text
 from ling_pretrain.core.log import add_log_file
 from ling_pretrain.data.gpt import make_loader
@@ -20,7 +20,7 @@ from ling_pretrain.runtime.distributed import (
     init_distributed,
     world_size_from_env,
 )
-from ling_pretrain.train import metrics, preempt
+from ling_pretrain.train import bad_steps, metrics, preempt
 from ling_pretrain.train.setup import TrainParts, setup
 from ling_pretrain.train.step import eval_step, train_step
 
@@ -63,6 +63,8 @@ def run_training(
     Raises:
         preempt.Stopped: after a stop on a signal or a deadline, once the checkpoint of the
             current step is complete on every rank.
+        bad_steps.TooManyBadSteps: after ``trainer.max_consecutive_bad_steps`` bad steps in
+            a row (nothing saved).
     """
     cfg, state, layout = parts.cfg, parts.state, parts.layout
     t, ck = cfg.trainer, cfg.checkpoint
@@ -85,6 +87,7 @@ def run_training(
         return record
     # A resumed run's checkpoint of its first step already exists.
     saved_step = state.step if state.step > 0 else None
+    policy = bad_steps.BadStepPolicy(t, state.bad_steps)
     window_start, window_steps = time.perf_counter(), 0
     while state.step < t.max_steps:
         if stop.requested(parts.device):
@@ -93,8 +96,9 @@ def run_training(
             stop.finish(state.step, t.max_steps, path)
             raise preempt.Stopped(state.step, stop.decision.reason)
         step_start = time.perf_counter()
-        result = train_step(parts, layout.num_microbatches)
+        result = train_step(parts, layout.num_microbatches, state.step + 1, policy)
         state.step += 1
+        state.bad_steps = policy.state_dict()
         state.consumed_samples += t.global_batch_size
         state.tokens += tokens_per_step
         window_steps += 1
@@ -103,7 +107,8 @@ def run_training(
         val = None
         if t.eval_interval > 0 and state.step % t.eval_interval == 0:
             val = _evaluate(parts)
-        if state.step % cfg.logging.log_interval == 0 or state.step == t.max_steps:
+        logged = state.step % cfg.logging.log_interval == 0 or state.step == t.max_steps
+        if logged or result.skipped:
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": state.step,
@@ -120,9 +125,13 @@ def run_training(
             }
             if val is not None:
                 record["val_loss"] = val
+            if result.skipped:
+                record["skip_reason"] = result.skip_reason
             writer.log(record)
             window_start, window_steps = time.perf_counter(), 0
         stop.step_done(time.perf_counter() - step_start)
+        if policy.must_stop():
+            bad_steps.give_up(state.step, t.max_steps, policy, find_latest(save_dir), stop)
         if ck.save_interval > 0 and state.step % ck.save_interval == 0 and state.step < t.max_steps:
             save()
             saved_step = state.step
