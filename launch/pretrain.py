@@ -8,7 +8,8 @@
 
 Any field of the config can be overridden (see docs/configuration.md). Exit codes: 0 when
 trainer.max_steps is reached, 75 after a stop on SIGTERM/SIGUSR1/SIGUSR2 or a deadline with a
-complete checkpoint (run again to resume), 1 on errors (docs/slurm.md).
+complete checkpoint (run again to resume), 3 after trainer.max_consecutive_bad_steps bad steps
+in a row, 1 on errors (docs/slurm.md).
 """
 
 import sys
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 from ling_pretrain.config.store import register_schemas
 from ling_pretrain.core.errors import ConfigError
 from ling_pretrain.core.log import setup_logging
-from ling_pretrain.train import preempt
+from ling_pretrain.train import bad_steps, preempt
 from ling_pretrain.train.cli import exit_with_config_error, run_command_line
 
 register_schemas()
@@ -38,6 +39,8 @@ def main(cfg: DictConfig) -> None:
         exit_with_config_error(err)
     except preempt.Stopped as stop:
         raise SystemExit(stop.exit_code) from None
+    except bad_steps.TooManyBadSteps as err:  # rank 0 has logged why
+        raise SystemExit(err.exit_code) from None
 
 
 if __name__ == "__main__":

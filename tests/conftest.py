@@ -136,3 +136,27 @@ def wait_for_metrics(
         if time.monotonic() > deadline:
             raise AssertionError(f"no {lines} metrics lines in {path} after {timeout} s")
         time.sleep(0.2)
+
+
+def checkpoint_tensors(checkpoint_dir: Path, scratch: Path) -> dict:
+    """Every tensor of a megatron distributed checkpoint at its full (layout-free) shape, by
+    checkpoint key (weights, expert biases, optimizer states), read in this process."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    dcp_to_torch_save(str(checkpoint_dir), str(scratch))
+    loaded = torch.load(scratch, weights_only=False)
+    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
+def tensor_differences(a: dict, b: dict) -> list[str]:
+    """Keys whose tensors are not bit-identical (or that only one side has)."""
+    import torch
+
+    def same(x, y) -> bool:
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return False
+        return torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+
+    return sorted(k for k in set(a) | set(b) if k not in a or k not in b or not same(a[k], b[k]))

@@ -44,7 +44,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,8 @@ class TrainState:
     """Training tokens consumed (global)."""
     weights_only: bool = False
     """The checkpoint holds model weights only (a seed checkpoint): nothing else to resume."""
+    bad_steps: dict = field(default_factory=dict)
+    """The bad-step policy's statistics (``train.bad_steps``), so a resumed run decides alike."""
 
 
 def iter_dir_name(step: int) -> str:
@@ -300,9 +302,7 @@ class Checkpointer:
         described = partial / f"{_DESCRIBED}{rank:05d}.json"
         with optimizer_state.saving(optimizer):
             if optimizer is not None:
-                sharded["optimizer"] = optimizer.sharded_state_dict(
-                    sharded, metadata=optimizer_state.sharding_metadata(optimizer)
-                )
+                sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, sharded)
                 sharded["scheduler"] = scheduler.state_dict()
             request = dist_checkpointing.save(
                 sharded, str(partial), async_sharded_save=True, **_save_kwargs()
@@ -542,9 +542,7 @@ def load_checkpoint(
     sharded = model_sharded_state_dict(model)
     with optimizer_state.loading(optimizer):
         if optimizer is not None:
-            sharded["optimizer"] = optimizer.sharded_state_dict(
-                sharded, is_loading=True, metadata=optimizer_state.sharding_metadata(optimizer)
-            )
+            sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, sharded, ckpt)
         state_dict = dist_checkpointing.load(sharded, str(ckpt))
         for i, m in enumerate(model):
             unwrap(m).load_state_dict(state_dict[_model_key(i, len(model))], strict=True)
@@ -552,7 +550,7 @@ def load_checkpoint(
             import torch
 
             with torch.no_grad():  # copies into fp32 master weights, which are leaves
-                optimizer.load_state_dict(state_dict["optimizer"])
+                optimizer_state.load_state_dict(optimizer, state_dict["optimizer"])
     if scheduler is not None and "scheduler" in state_dict:
         scheduler.load_state_dict(state_dict["scheduler"])
     if not dist.is_initialized() or dist.get_rank() == 0:

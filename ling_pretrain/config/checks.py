@@ -52,6 +52,37 @@ def check_trainer(cfg: Any, errors: list[str]) -> None:
         errors.append(f"trainer.max_minutes={t.max_minutes} must be > 0, or null for no budget.")
     if not t.stop_margin_seconds >= 0:
         errors.append(f"trainer.stop_margin_seconds={t.stop_margin_seconds} must be >= 0.")
+    check_bad_steps(t, errors)
+
+
+def check_bad_steps(t: Any, errors: list[str]) -> None:
+    """Append every problem of the bad-step fields of ``trainer``."""
+    if t.loss_spike_sigma is not None and not t.loss_spike_sigma > 0:
+        errors.append(
+            f"trainer.loss_spike_sigma={t.loss_spike_sigma} must be > 0 (standard deviations), "
+            "or null to turn spike detection off."
+        )
+    if t.loss_spike_window < 2:
+        errors.append(
+            f"trainer.loss_spike_window={t.loss_spike_window} must be >= 2 (a standard "
+            "deviation needs two losses)."
+        )
+    if not 2 <= t.loss_spike_warmup <= t.loss_spike_window:
+        errors.append(
+            f"trainer.loss_spike_warmup={t.loss_spike_warmup} must be between 2 and "
+            f"trainer.loss_spike_window={t.loss_spike_window}."
+        )
+    if t.max_consecutive_bad_steps < 1:
+        errors.append(
+            f"trainer.max_consecutive_bad_steps={t.max_consecutive_bad_steps} must be >= 1."
+        )
+    for name in ("inject_nan_grad_steps", "inject_loss_spike_steps"):
+        bad = [s for s in getattr(t, name) if s < 1]
+        if bad:
+            errors.append(
+                f"trainer.{name}={list(getattr(t, name))}: steps are numbered from 1, so {bad} "
+                "never come; leave the list empty in real runs."
+            )
 
 
 def check_logging(cfg: Any, errors: list[str]) -> None:

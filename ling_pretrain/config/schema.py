@@ -273,6 +273,27 @@ class TrainerConfig:
     """Seconds kept free before a deadline (``max_minutes`` or the Slurm job's end time), on
     top of the time one more step and one checkpoint save take (the slowest of each measured
     in this run, remembered across requeues)."""
+    loss_spike_sigma: float | None = 6.0
+    """A step whose loss exceeds the mean of the last ``loss_spike_window`` good steps by more
+    than this many (sample) standard deviations is a loss spike: it is skipped like a step
+    with a non-finite loss or gradient norm (weights, optimizer state, LR schedule and expert
+    bias untouched; its batch counts as consumed). null turns spike detection off;
+    non-finite steps are always skipped."""
+    loss_spike_window: int = 128
+    """Good steps whose losses make the spike statistics (mean and standard deviation)."""
+    loss_spike_warmup: int = 32
+    """Spikes are looked for once the window holds this many good steps (the window is saved
+    in checkpoints, so a resumed run needs no new warm-up)."""
+    max_consecutive_bad_steps: int = 5
+    """After this many bad (skipped) steps in a row the run stops with exit code 3 and saves
+    nothing; the message names the newest intact checkpoint."""
+    inject_nan_grad_steps: list[int] = field(default_factory=list)
+    """Fault injection for drills and tests, empty in real runs: at these steps the last
+    data-parallel rank's gradients are NaN (its loss stays finite), as a fault on one rank
+    would make them."""
+    inject_loss_spike_steps: list[int] = field(default_factory=list)
+    """Fault injection for drills and tests, empty in real runs: at these steps every rank's
+    loss, and so its gradients, is multiplied by 100."""
 
 
 @dataclass(kw_only=True)

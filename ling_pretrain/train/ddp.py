@@ -18,7 +18,9 @@ def build_ddp_config(cfg: Any):
         overlap_grad_reduce=p.overlap_grad_reduce,
         overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=p.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # Off: megatron raises on the first non-finite gradient; the trainer skips such a
+        # step instead and stops only when bad steps persist (train.bad_steps).
+        check_for_nan_in_grad=False,
         bucket_size=None if not p.overlap_grad_reduce else 40_000_000,
         average_in_collective=False,
     )

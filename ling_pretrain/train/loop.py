@@ -11,7 +11,7 @@ from typing import Any
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from ling_pretrain.checkpoint.dist import save_checkpoint
+from ling_pretrain.checkpoint.dist import find_latest, save_checkpoint
 from ling_pretrain.core.io import atomic_write_text
 from ling_pretrain.core.log import add_log_file
 from ling_pretrain.data.gpt import make_loader
@@ -22,7 +22,7 @@ from ling_pretrain.runtime.distributed import (
     init_distributed,
     world_size_from_env,
 )
-from ling_pretrain.train import metrics, preempt, report, throughput
+from ling_pretrain.train import bad_steps, metrics, preempt, report, throughput
 from ling_pretrain.train.setup import TrainParts, setup
 from ling_pretrain.train.sinks import Sink
 from ling_pretrain.train.step import eval_step, train_step
@@ -82,6 +82,8 @@ def run_training(
     Raises:
         preempt.Stopped: after a stop on a signal or a deadline, once the checkpoint of the
             current step is complete on every rank.
+        bad_steps.TooManyBadSteps: after ``trainer.max_consecutive_bad_steps`` bad steps in
+            a row (nothing saved).
     """
     cfg, state, layout = parts.cfg, parts.state, parts.layout
     t, ck = cfg.trainer, cfg.checkpoint
@@ -108,6 +110,7 @@ def run_training(
     # fall outside, and the data wait is measured apart (train.throughput).
     meter = throughput.Meter(cfg, layout, parts.device)
     timer = throughput.StepTimer(parts.data_clock)
+    policy = bad_steps.BadStepPolicy(t, state.bad_steps)
     while state.step < t.max_steps:
         saver.poll()
         if stop.requested(parts.device):
@@ -118,8 +121,9 @@ def run_training(
             raise preempt.Stopped(state.step, stop.decision.reason)
         step_start = time.perf_counter()
         timer.start()
-        result = train_step(parts, layout.num_microbatches)
+        result = train_step(parts, layout.num_microbatches, state.step + 1, policy)
         state.step += 1
+        state.bad_steps = policy.state_dict()
         state.consumed_samples += t.global_batch_size
         state.tokens += tokens_per_step
         mtp = metrics.mtp_loss(layout.num_microbatches, parts.device)
@@ -128,7 +132,8 @@ def run_training(
         val = None
         if t.eval_interval > 0 and state.step % t.eval_interval == 0:
             val = _evaluate(parts)
-        if state.step % cfg.logging.log_interval == 0 or state.step == t.max_steps:
+        logged = state.step % cfg.logging.log_interval == 0 or state.step == t.max_steps
+        if logged or result.skipped:
             stats = parts.step_stats
             record = {
                 "step": state.step,
@@ -146,8 +151,13 @@ def run_training(
             }
             if val is not None:
                 record["val_loss"] = val
+            if result.skipped:
+                record["skip_reason"] = result.skip_reason
             writer.log(record)
         stop.step_done(time.perf_counter() - step_start)
+        if policy.must_stop():
+            saver.wait()  # a checkpoint still being written counts once it is complete
+            bad_steps.give_up(state.step, t.max_steps, policy, find_latest(save_dir), stop)
         if ck.save_interval > 0 and state.step % ck.save_interval == 0 and state.step < t.max_steps:
             save(wait=False)
             saved_step = state.step

@@ -16,6 +16,10 @@ everything that needs the counts runs just before it:
   counts, lets megatron run its own update, and then writes the zero-mean result over it.
   Doing it this way (rather than replacing ``finalize_model_grads``) keeps every other part
   of megatron's finalisation, whatever the release.
+
+The biases as they were before the update are kept until the next step, so a step found bad
+after the gradients are final (``train.bad_steps``) can put them back exactly
+(:func:`restore_expert_bias`).
 """
 
 from __future__ import annotations
@@ -130,9 +134,10 @@ def make_finalize_model_grads(
         config = get_model_config(model[0])
         total = config.num_layers + (config.mtp_num_layers or 0)
         stats.update(expert_load(counts, [r.layer_number for r in routers], total, device))
+        before = [r.expert_bias.detach().clone() for r in routers]
+        stats[_BIAS_BEFORE] = list(zip(routers, before, strict=True))
         if bias_update == "megatron" or counts is None:
             return finalize_model_grads(model, *args, **kwargs)
-        before = [r.expert_bias.detach().clone() for r in routers]
         result = finalize_model_grads(model, *args, **kwargs)
         with torch.no_grad():
             for router, bias, c in zip(routers, before, counts, strict=True):
@@ -141,3 +146,14 @@ def make_finalize_model_grads(
         return result
 
     return finalize
+
+
+_BIAS_BEFORE = "expert_bias_before_update"
+
+
+def restore_expert_bias(stats: dict) -> None:
+    """Put back the expert biases of the last step as they were before its update (a no-op
+    when the model has no expert bias)."""
+    with torch.no_grad():
+        for router, bias in stats.get(_BIAS_BEFORE, ()):
+            router.expert_bias.copy_(bias)

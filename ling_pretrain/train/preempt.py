@@ -34,7 +34,8 @@ Why it works this way:
 
 Exit codes of the training process: :data:`EXIT_FINISHED` (0) when ``trainer.max_steps``
 is reached, :data:`EXIT_STOPPED` (75, ``EX_TEMPFAIL``: "run me again") after a stop with a
-complete checkpoint, and 1 for errors.
+complete checkpoint, 3 after too many bad steps in a row
+(:data:`ling_pretrain.train.bad_steps.EXIT_BAD_STEPS`), and 1 for errors.
 """
 
 from __future__ import annotations
@@ -370,21 +371,35 @@ class StopRequests:
                 "%s at %s: stopping at step %d, %s", d.reason, _clock(d.since), step, what
             )
 
-    def finish(self, step: int, max_steps: int, checkpoint: str | None = None) -> None:
+    def finish(
+        self,
+        step: int,
+        max_steps: int,
+        checkpoint: str | None = None,
+        failure: tuple[int, str] | None = None,
+    ) -> None:
         """Collective: rank 0 logs and writes the status file, then every rank waits for it.
 
         Call after the last checkpoint of this launch is complete, whether the run finished
-        (no decision) or stopped (a decision was made by :meth:`requested`).
+        (no decision) or stopped (a decision was made by :meth:`requested`), or when it gives
+        up without saving: ``failure`` is then its exit code and reason, and ``checkpoint``
+        the newest one it leaves.
         """
         import torch.distributed as dist
 
-        stopped = self.decision is not None
+        stopped = self.decision is not None and failure is None
         if self.rank == 0:
             now = time.time()
+            if failure is not None:
+                code, outcome, reason = failure[0], "failed", failure[1]
+            elif stopped:
+                code, outcome, reason = EXIT_STOPPED, "stopped", self.decision.reason
+            else:
+                code, outcome, reason = EXIT_FINISHED, "finished", "max_steps"
             status = {
-                "exit_code": EXIT_STOPPED if stopped else EXIT_FINISHED,
-                "outcome": "stopped" if stopped else "finished",
-                "reason": self.decision.reason if stopped else "max_steps",
+                "exit_code": code,
+                "outcome": outcome,
+                "reason": reason,
                 "step": step,
                 "max_steps": max_steps,
                 "checkpoint": checkpoint,

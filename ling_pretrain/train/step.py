@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,21 +12,34 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ling_pretrain.train.bad_steps import (
+    FP16_OVERFLOW,
+    BadStepPolicy,
+    apply_fault,
+    inject,
+    step_unless_bad,
+    verdict,
+)
+from ling_pretrain.train.moe import restore_expert_bias
 
-def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+logger = logging.getLogger(__name__)
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, fault: str | None = None):
     """Per-token cross entropy summed over unmasked tokens, with the token count.
 
     megatron's schedule (``calculate_per_token_loss``) divides by the token count of the
     whole global batch, so the loss and gradients do not depend on how the batch is split.
+    ``fault`` is an injected fault (``trainer.inject_*_steps``, see ``train.bad_steps``).
     """
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses * mask)
+    loss = apply_fault(torch.sum(losses * mask), fault)
     num_tokens = mask.sum().to(torch.int)
     return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), mask.sum()])}
 
 
-def forward_step(data_iterator: Iterator[dict], model: Any):
+def forward_step(data_iterator: Iterator[dict], model: Any, fault: str | None = None):
     """megatron ``forward_step_func``: one micro-batch through one model chunk."""
     batch = next(data_iterator)
     device = next(model.parameters()).device
@@ -42,7 +56,7 @@ def forward_step(data_iterator: Iterator[dict], model: Any):
         labels=labels,
         loss_mask=loss_mask * batch.get("mtp_mask_weight", 1.0),
     )
-    return output, partial(_loss_func, loss_mask)
+    return output, partial(_loss_func, loss_mask, fault=fault)
 
 
 @dataclass
@@ -56,7 +70,9 @@ class StepResult:
     grad_norm: float
     """Global gradient norm before clipping."""
     skipped: bool
-    """Whether the optimizer skipped the update (non-finite gradients)."""
+    """Whether the step was skipped: nothing was updated (see ``train.bad_steps``)."""
+    skip_reason: str | None = None
+    """Why it was skipped."""
 
 
 def reduce_lm_loss(losses: list[dict], device: torch.device) -> tuple[float, int]:
@@ -100,11 +116,21 @@ def weighted_microbatches(iters: list, num_microbatches: int, mtp_layers: int) -
     return [iter(b) for b in batches]
 
 
-def train_step(parts: Any, num_microbatches: int) -> StepResult:
-    """Run one global batch through forward/backward and step the optimizer and schedule."""
+def train_step(
+    parts: Any, num_microbatches: int, step: int = 0, policy: BadStepPolicy | None = None
+) -> StepResult:
+    """Run one global batch through forward/backward and step the optimizer and schedule,
+    unless ``policy`` finds the step bad: then nothing is updated (``train.bad_steps``).
+
+    ``step`` is the number of the step being taken (1 for the first), for fault injection.
+    """
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     cfg = parts.cfg
+    policy = policy or BadStepPolicy(cfg.trainer)
+    last_dp_rank = ps.get_data_parallel_rank() == ps.get_data_parallel_world_size() - 1
+    fault = inject(cfg.trainer, step, last_dp_rank)
     for chunk in parts.model:
         chunk.zero_grad_buffer()
     with warnings.catch_warnings():
@@ -114,7 +140,7 @@ def train_step(parts: Any, num_microbatches: int) -> StepResult:
         parts.optimizer.zero_grad()
     iters = weighted_microbatches(parts.train_iters, num_microbatches, cfg.model.mtp_num_layers)
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=partial(forward_step, fault=fault) if fault else forward_step,
         data_iterator=iters,
         model=parts.model,
         num_microbatches=num_microbatches,
@@ -122,11 +148,19 @@ def train_step(parts: Any, num_microbatches: int) -> StepResult:
         micro_batch_size=cfg.trainer.micro_batch_size,
         forward_only=False,
     )
-    ok, grad_norm, _ = parts.optimizer.step()
+    loss, tokens = reduce_lm_loss(losses, parts.device)
+    ok, grad_norm, reason = step_unless_bad(
+        parts.optimizer, lambda norm: verdict(policy, loss, norm, parts.device)
+    )
     if ok:
         parts.scheduler.step(increment=1)
-    loss, tokens = reduce_lm_loss(losses, parts.device)
-    return StepResult(loss, tokens, float(grad_norm or 0.0), not ok)
+    else:
+        restore_expert_bias(parts.step_stats)
+        if dist.get_rank() == 0:
+            logger.warning("step %d skipped: %s", step, reason)
+    if reason != FP16_OVERFLOW:  # megatron's own fp16 skip: neither good nor bad
+        policy.update(loss, reason)
+    return StepResult(loss, tokens, grad_norm, not ok, reason)
 
 
 @torch.no_grad()
