@@ -39,3 +39,31 @@ def test_every_model_family_is_found_by_the_registry():
         if p.is_dir() and (p / "__init__.py").is_file()
     )
     assert sorted(f.name for f in found.values()) == packages
+
+
+def test_the_hf_engine_names_no_model_family():
+    """checkpoint/hf/ is generic: no identifier in its code names a family (the families'
+    tables live in models/<family>/hf.py)."""
+    import io
+    import tokenize
+
+    from ling_pretrain.models.registry import families
+
+    names = {f.name for f in families().values()} | {"bailing"}
+    found = []
+    for path in sorted((REPO / "ling_pretrain" / "checkpoint" / "hf").glob("*.py")):
+        for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            word = tok.string.lower()
+            if tok.type == tokenize.NAME and word != "ling_pretrain":
+                found += [f"{path.name}:{tok.start[0]} {tok.string}" for n in names if n in word]
+    assert len(names) >= 4 and found == []
+
+
+def test_no_test_edits_sys_path():
+    """Tests import the package and each other as packages (tests/ has __init__.py files)."""
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in sorted((REPO / "tests").rglob("*.py"))
+        if "sys.path" in p.read_text() and p.name != "test_architecture.py"
+    ]
+    assert offenders == []

@@ -25,8 +25,9 @@ from ling_pretrain.config.checks import check_overrides
 from ling_pretrain.config.load import NO_MODEL, has_model_override
 from ling_pretrain.core.errors import ConfigError
 from ling_pretrain.jobs.validate import validate
+from ling_pretrain.train.preempt import EXIT_REFUSED
 
-CONFIG_ERROR_EXIT = 2
+CONFIG_ERROR_EXIT = EXIT_REFUSED
 """Exit code of a run refused before any work (a config or command-line mistake)."""
 SILENT_RANK_DELAY = 3.0
 """Seconds the ranks that do not print wait before exiting on a config error."""

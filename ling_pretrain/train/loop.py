@@ -6,12 +6,13 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from ling_pretrain.checkpoint.dist import find_latest, save_checkpoint
+from ling_pretrain.core.errors import ConfigError
 from ling_pretrain.core.io import atomic_write_text
 from ling_pretrain.core.log import add_log_file
 from ling_pretrain.data.gpt import make_loader
@@ -48,6 +49,17 @@ def _nothing_to_do(cfg: Any, step: int, rank: int) -> dict:
         )
     preempt.StopRequests(cfg, cfg.run.output_dir, rank).finish(step, cfg.trainer.max_steps)
     return {}
+
+
+def _refused(cfg: Any, rank: int, err: ConfigError, step: int = 0) -> NoReturn:
+    """A start refused after validation (a damaged checkpoint with on_damaged=error, optimizer
+    state this layout cannot load): rank 0 records it in the status file, so that
+    ``pretrain.sbatch`` does not requeue a job that would fail the same way, and the error
+    goes on to the command line's one message. Not collective: another rank may not be here."""
+    stop = preempt.StopRequests(cfg, cfg.run.output_dir, rank)
+    failure = (preempt.EXIT_REFUSED, "refused at start-up (the log says why)")
+    stop.finish(step, cfg.trainer.max_steps, failure=failure, collective=False)
+    raise err
 
 
 def _evaluate(parts: TrainParts) -> float | None:
@@ -185,7 +197,10 @@ def train(cfg: Any, extra_sinks: Sequence[Sink] = ()) -> dict:
         if info.rank == 0:
             os.makedirs(output_dir, exist_ok=True)
             add_log_file(os.path.join(output_dir, "pretrain.log"))
-        source = choose_checkpoint(cfg)
+        try:
+            source = choose_checkpoint(cfg)
+        except ConfigError as err:
+            _refused(cfg, info.rank, err)
         if source is not None and source.step >= cfg.trainer.max_steps:
             return _nothing_to_do(cfg, source.step, info.rank)
         if info.rank == 0:
@@ -205,7 +220,10 @@ def train(cfg: Any, extra_sinks: Sequence[Sink] = ()) -> dict:
                 layout.num_microbatches,
                 info.device.type,
             )
-        parts = setup(cfg, layout, info.device, save_dir, source)
+        try:
+            parts = setup(cfg, layout, info.device, save_dir, source)
+        except ConfigError as err:
+            _refused(cfg, info.rank, err, source.step if source is not None else 0)
         if cfg.checkpoint.seed_checkpoint:
             path = save_checkpoint(save_dir, parts.state, parts.model, config=cfg)
             logger.info("seed checkpoint written to %s", path)

@@ -64,6 +64,10 @@ EXIT_FINISHED = 0
 EXIT_STOPPED = 75
 """The run stopped on a signal or a deadline after saving a complete checkpoint; running it
 again resumes it (``EX_TEMPFAIL``)."""
+EXIT_REFUSED = 2
+"""The run was refused before any work: a configuration mistake, or at start-up a checkpoint
+it must not or cannot resume (damaged with ``checkpoint.on_damaged=error``, optimizer state
+this layout cannot load). Running it again as it is fails the same way."""
 STATUS_FILE = "exit_status.json"
 """Written by rank 0 into ``run.output_dir`` when a run finishes or stops cleanly."""
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -377,8 +381,10 @@ class StopRequests:
         max_steps: int,
         checkpoint: str | None = None,
         failure: tuple[int, str] | None = None,
+        collective: bool = True,
     ) -> None:
-        """Collective: rank 0 logs and writes the status file, then every rank waits for it.
+        """Collective (unless ``collective`` is false): rank 0 logs and writes the status file,
+        then every rank waits for it.
 
         Call after the last checkpoint of this launch is complete, whether the run finished
         (no decision) or stopped (a decision was made by :meth:`requested`), or when it gives
@@ -427,5 +433,5 @@ class StopRequests:
                     EXIT_STOPPED,
                 )
             atomic_write_json(Path(self.output_dir) / STATUS_FILE, status)
-        if dist.is_initialized():
+        if collective and dist.is_initialized():
             dist.barrier()

@@ -17,6 +17,7 @@ import sys
 
 from ling_pretrain.checkpoint.dist import save_checkpoint
 from ling_pretrain.config import compose
+from ling_pretrain.jobs.resume import choose_checkpoint
 from ling_pretrain.jobs.validate import validate
 from ling_pretrain.optim import checkpointing
 from ling_pretrain.runtime.distributed import (
@@ -36,8 +37,8 @@ def main() -> None:
     layout = validate(cfg, world_size_from_env())
     info = init_distributed(cfg)
     try:
-        parts = setup(cfg, layout, info.device, out)
-        save_checkpoint(out, parts.state, parts.model, parts.optimizer, parts.scheduler)
+        parts = setup(cfg, layout, info.device, out, choose_checkpoint(cfg))
+        save_checkpoint(out, parts.state, parts.model, parts.optimizer, parts.scheduler, config=cfg)
     finally:
         destroy_distributed()
 

@@ -5,6 +5,7 @@ complete; a requeued run that names checkpoint.load_dir goes on from its own che
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -82,6 +83,9 @@ def test_garbage_in_a_checkpoint_stops_the_run_with_on_damaged_error(base, tmp_p
     assert "set checkpoint.on_damaged=fallback to resume from the newest intact" in message
     assert ckpt.is_dir() and not (ckpt.parent / "iter_0000004.damaged").exists()
     assert len(read_metrics(run)) == 4
+    # The status file says "refused" (code 2), so pretrain.sbatch does not requeue the job.
+    status = json.loads((run / "exit_status.json").read_text())
+    assert (status["exit_code"], status["outcome"]) == (2, "failed"), status
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
