@@ -177,6 +177,10 @@ def keep_data_workers_alive() -> None:
         original(*args, **kwargs)
         for s in SIGNALS:
             signal.signal(s, signal.SIG_IGN)
+        # A worker that ignores SIGTERM must not outlive its main process when that is
+        # killed: it would hold the job step open (the nodes stay allocated) and keep the
+        # rendezvous socket it inherited, so a requeued attempt could not bind it.
+        _set_parent_death_signal(signal.SIGKILL)
 
     set_worker_signal_handlers.keeps_stop_signals = True
     signal_handling._set_worker_signal_handlers = set_worker_signal_handlers
@@ -203,15 +207,21 @@ def _kill_data_workers() -> None:
             child.join(timeout=10)
 
 
+def _set_parent_death_signal(sig: int) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent dies (Linux only);
+    whether that took effect."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def _die_with_parent() -> None:
     """Have the kernel send SIGTERM when the parent (torchrun's agent) dies (Linux only)."""
     global _parent
     parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-            return
-    except (OSError, AttributeError):
+    if not _set_parent_death_signal(signal.SIGTERM):
         return
     _parent = parent
     if os.getppid() != parent:  # the agent died before the request took effect

@@ -1,4 +1,6 @@
-"""launch/slurm/pretrain.sbatch on a real two-node Slurm cluster (2 nodes x 1 process).
+"""launch/slurm/pretrain.sbatch on a real two-node Slurm cluster (2 nodes x 1 process):
+(a) the warning signal, (b) a short time limit, (c) scancel, (d) a damaged newest checkpoint,
+a stalled rank and bad input.
 
 The whole chain is exercised: Slurm -> batch shell -> srun -> every rank. Each test submits
 the shipped script unchanged (GPUs are turned off on the command line, as a CPU cluster
@@ -20,6 +22,8 @@ import pytest
 from tests.conftest import TINY, read_metrics, run_pretrain
 from tests.slurm.conftest import PRETRAIN_SBATCH, rank_pids
 
+# One local cluster at a time: the Slurm tests live in this one file, which the test workers
+# (pytest-xdist, --dist loadfile) hand to a single worker.
 pytestmark = pytest.mark.slurm
 
 CPU_NODES = ["-N", "2", "--gpus-per-node=0"]
@@ -219,3 +223,32 @@ def test_bad_input_fails_before_training(slurm_cluster, tmp_path):
         text = (tmp_path / name / f"slurm-ling-pretrain-{job}.out").read_text()
         assert cases[name][2] in text, (name, text)
         assert not (tmp_path / name / "checkpoints").exists()
+
+
+def test_a_damaged_newest_checkpoint_falls_back_and_the_job_finishes(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "job"
+    overrides = [*TINY, "data.num_workers=1", "checkpoint.save_interval=2"]
+    # An earlier attempt of the run (2 ranks) left checkpoints at steps 2 and 4; then a node
+    # died while the newest was being copied: its largest tensor file is cut short.
+    run_pretrain(run_dir, [*overrides, "trainer.max_steps=4"], nproc=2)
+    ckpts = run_dir / "checkpoints"
+    victim = max((ckpts / "iter_0000004").glob("__*.distcp"), key=lambda p: p.stat().st_size)
+    os.truncate(victim, victim.stat().st_size // 3)
+
+    job = slurm_cluster.submit(
+        PRETRAIN_SBATCH,
+        [*overrides, "trainer.max_steps=6", f"run.output_dir={run_dir}"],
+        CPU_NODES,
+        cwd=tmp_path,
+    )
+    info = slurm_cluster.wait_finished(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
+    log = (run_dir / "logs" / f"slurm-{job}.log").read_text()
+    assert f"checkpoint {ckpts / 'iter_0000004'} is damaged: {victim.name}: truncated (" in log
+    assert f"resuming from {ckpts / 'iter_0000002'} (step 2), the newest intact checkpoint" in log
+    assert "finished: step 6 of trainer.max_steps=6" in log
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert (ckpts / "iter_0000004.damaged").is_dir()
+    assert (ckpts / "latest").read_text() == "iter_0000006"
+    status = json.loads((run_dir / "exit_status.json").read_text())
+    assert status["outcome"] == "finished" and status["slurm_job_id"] == job

@@ -221,3 +221,52 @@ def test_signal_is_recorded_not_fatal(monkeypatch):
         preempt.restore_signal_handlers()
         monkeypatch.setattr(preempt, "_received", None)
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+_LOADER = """
+import sys, time
+import torch
+from ling_pretrain.train import preempt
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10
+    def __getitem__(self, i):
+        if i == 0:
+            return i
+        time.sleep(600)  # busy in a fetch: torch's parent watchdog is not consulted
+
+preempt.keep_data_workers_alive()
+loader = torch.utils.data.DataLoader(Slow(), num_workers=1, prefetch_factor=1)
+it = iter(loader)
+next(it)
+print(" ".join(str(w.pid) for w in it._workers), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_data_worker_dies_with_its_killed_main_process():
+    """Workers ignore SIGTERM (the main process saves first), but a main process killed
+    outright must not leave them behind: they would keep the job step and its rendezvous port."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, subprocess_env
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOADER], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE
+    )
+    try:
+        (worker,) = (int(pid) for pid in proc.stdout.readline().split())
+        assert os.path.exists(f"/proc/{worker}")
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = os.path.exists(f"/proc/{worker}")
+        if alive:
+            os.kill(worker, signal.SIGKILL)
+        assert not alive, "the data-loader worker outlived its killed main process"
+    finally:
+        proc.kill()
