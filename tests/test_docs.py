@@ -17,7 +17,7 @@ def test_readme_has_exactly_two_setup_commands():
     commands = _readme_commands()
     assert len(commands) == 2, commands
     assert all("\n" not in c for c in commands)
-    assert "launch/pretrain.py +model=ling_tiny" in commands[0]
+    assert "launch/pretrain.py --nproc-per-node 2 +model=ling_tiny" in commands[0]
     assert "pytest" in commands[1]
 
 

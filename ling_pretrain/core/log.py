@@ -38,12 +38,18 @@ UPSTREAM_NOTICES = (
 """Warnings of the libraries underneath that say nothing a user can act on."""
 
 
+def ignore_upstream_warnings() -> None:
+    """Hide :data:`UPSTREAM_NOTICES` in this process (the package does it at import, before
+    megatron-core is imported and warns)."""
+    for message in UPSTREAM_NOTICES:
+        warnings.filterwarnings("ignore", message=".*" + re.escape(message))
+
+
 def quiet_upstream_notices() -> None:
     """Hide :data:`UPSTREAM_NOTICES` in this process and in the processes it starts (data
     workers, the checkpoint writer), and megatron-core's informational warnings (its rerun
     state machine announcing its default mode)."""
-    for message in UPSTREAM_NOTICES:
-        warnings.filterwarnings("ignore", message=".*" + re.escape(message))
+    ignore_upstream_warnings()
     inherited = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
     ours = [f"ignore:{m}" for m in UPSTREAM_NOTICES]
     os.environ["PYTHONWARNINGS"] = ",".join(dict.fromkeys([*inherited, *ours]))

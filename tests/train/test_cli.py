@@ -37,8 +37,10 @@ def test_readme_demo_trains_with_falling_loss(tmp_path, monkeypatch):
     """The README's first command (after its install step), on the real built-in corpus."""
     demo = _readme_commands()[0].split("&&", 1)[1]
     args = shlex.split(demo)
-    nproc = int(args[args.index("--nproc-per-node") + 1])
-    overrides = args[args.index("launch/pretrain.py") + 1 :]
+    script = args.index("launch/pretrain.py")
+    assert args[:script] == ["python"] and args[script + 1] == "--nproc-per-node", args
+    nproc = int(args[script + 2])
+    overrides = args[script + 3 :]
     monkeypatch.setenv("LING_PRETRAIN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     run_pretrain(out, overrides, nproc=nproc, timeout=900)
