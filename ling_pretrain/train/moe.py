@@ -42,6 +42,17 @@ def _routers(model: list) -> list:
     ]
 
 
+def _layer_number(router: Any, num_layers: int) -> int:
+    """The 1-based number of a router's layer in the model, MTP layers after the decoder's.
+
+    megatron-core 0.16 numbers MTP layers after the decoder's (``num_layers + j``); 0.19
+    numbers them from 1 within the MTP block and marks their routers ``is_mtp_layer``.
+    """
+    if getattr(router, "is_mtp_layer", False):
+        return num_layers + router.layer_number
+    return router.layer_number
+
+
 def global_expert_counts(routers: list) -> torch.Tensor | None:
     """Tokens routed to each expert in the global batch so far, ``[layers, experts]`` (fp32).
 
@@ -133,7 +144,8 @@ def make_finalize_model_grads(
         counts = global_expert_counts(routers)
         config = get_model_config(model[0])
         total = config.num_layers + (config.mtp_num_layers or 0)
-        stats.update(expert_load(counts, [r.layer_number for r in routers], total, device))
+        numbers = [_layer_number(r, config.num_layers) for r in routers]
+        stats.update(expert_load(counts, numbers, total, device))
         before = [r.expert_bias.detach().clone() for r in routers]
         stats[_BIAS_BEFORE] = list(zip(routers, before, strict=True))
         if bias_update == "megatron" or counts is None:
